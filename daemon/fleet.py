@@ -1,0 +1,193 @@
+"""The fleet: the one live table of nodes, their health, models and load.
+
+The prober (active checks) and the proxy (passive results of real requests) report into
+it; the router, the merged catalogue views, ``/admin/nodes`` and metrics read from it.
+A reload swaps the table without touching in-flight requests, which keep their ``Node``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from daemon.domain import CooldownPolicy, FailureKind, ModelRef, NodeHealth, NodeState
+from daemon.settings import NodeSettings, RoutingSettings
+
+
+def model_key(name: str) -> str:
+    """The name every table is keyed by: normalised, ``:latest`` implied.
+
+    Raises ValueError for a name Ollama would not accept.
+    """
+    return ModelRef.parse(name).name
+
+
+def policy_from(routing: RoutingSettings) -> CooldownPolicy:
+    return CooldownPolicy(
+        base_seconds=routing.cooldown,
+        max_seconds=max(routing.cooldown_max, routing.cooldown),
+        failures_to_eject=routing.failures_to_eject,
+        busy_cooldown_seconds=routing.busy_cooldown,
+        rise=routing.rise,
+        fall=routing.fall,
+        max_ejection_percent=routing.max_ejection_percent,
+    )
+
+
+@dataclass(eq=False)
+class Node:
+    """One Ollama node as olmd sees it. Satisfies ``daemon.ports.NodeView``."""
+
+    config: NodeSettings
+    health: NodeHealth
+    in_flight: int = 0
+    version: str | None = None
+    # From the last good probe: /api/tags entries and /api/ps entries, keyed by model_key.
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    loaded: dict[str, dict[str, Any]] = field(default_factory=dict)
+    probed_at: float | None = None
+    # Models a node answered 404 for since its last probe: skipped until the next one.
+    missing: set[str] = field(default_factory=set)
+    # Set once the node left the table (a reload); it finishes its in-flight work.
+    retired: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def weight(self) -> int:
+        return self.config.weight
+
+    @property
+    def url(self) -> str:
+        return self.config.url
+
+    def holds(self, key: str) -> bool:
+        return key in self.models and key not in self.missing
+
+    def has_loaded(self, key: str) -> bool:
+        return key in self.loaded
+
+    def state(self, now: float) -> NodeState:
+        return self.health.state(now)
+
+
+class Fleet:
+    """The live node table. All methods run on the event loop; none awaits."""
+
+    def __init__(self, nodes: list[NodeSettings], routing: RoutingSettings) -> None:
+        self.policy = policy_from(routing)
+        self._nodes: dict[str, Node] = {}
+        self.panic = False  # the last routing decision had to use doubtful nodes
+        self.update(nodes, routing)
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(list(self._nodes.values()))
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def get(self, name: str) -> Node | None:
+        return self._nodes.get(name)
+
+    def update(self, nodes: list[NodeSettings], routing: RoutingSettings) -> list[Node]:
+        """Adopt a new node list (a reload). Returns the nodes that are new or re-addressed.
+
+        A node whose name and address stay keeps its health, models and in-flight count;
+        a changed weight takes effect on the next request.
+        """
+        self.policy = policy_from(routing)
+        fresh: list[Node] = []
+        table: dict[str, Node] = {}
+        for config in nodes:
+            old = self._nodes.get(config.name)
+            if old is not None and old.url == config.url:
+                old.config = config
+                old.health.policy = self.policy
+                table[config.name] = old
+            else:
+                node = Node(config=config, health=NodeHealth(policy=self.policy))
+                table[config.name] = node
+                fresh.append(node)
+        for name, old in self._nodes.items():
+            if table.get(name) is not old:
+                old.retired = True
+        self._nodes = table
+        return fresh
+
+    # --- reports -------------------------------------------------------------------------
+
+    def probe_ok(
+        self,
+        node: Node,
+        now: float,
+        *,
+        version: str | None,
+        tags: Sequence[Mapping[str, Any]],
+        ps: Sequence[Mapping[str, Any]],
+    ) -> None:
+        node.version = version
+        node.models = _by_key(tags)
+        node.loaded = _by_key(ps)
+        node.missing.clear()
+        node.probed_at = now
+        node.health.record_probe(now, True)
+
+    def probe_failed(self, node: Node, now: float, detail: str) -> None:
+        node.probed_at = now
+        node.health.record_probe(now, False, detail)
+
+    def request_ok(self, node: Node, now: float) -> None:
+        node.health.record_success(now)
+
+    def request_failed(self, node: Node, now: float, kind: FailureKind, detail: str) -> None:
+        node.health.record_failure(now, kind, detail)
+
+    def model_missing(self, node: Node, key: str) -> None:
+        node.missing.add(key)
+
+    def set_draining(self, name: str, draining: bool) -> Node | None:
+        node = self._nodes.get(name)
+        if node is not None:
+            node.health.draining = draining
+        return node
+
+    # --- views ---------------------------------------------------------------------------
+
+    def describe(self, node: Node, now: float) -> dict[str, Any]:
+        """A node for ``/admin/nodes``: no secrets, JSON-ready."""
+        health = node.health
+        remaining = health.cooldown_remaining(now)
+        return {
+            "name": node.name,
+            "url": node.url,
+            "weight": node.weight,
+            "state": node.state(now).value,
+            "version": node.version,
+            "models": sorted(node.models),
+            "loaded": sorted(node.loaded),
+            "missing": sorted(node.missing),
+            "in_flight": node.in_flight,
+            "consecutive_failures": health.consecutive_failures,
+            "ejections": health.total_ejections,
+            "cooldown_seconds": round(remaining, 3),
+            "last_error": health.last_error,
+            "last_probe_age_seconds": None
+            if node.probed_at is None
+            else round(now - node.probed_at, 3),
+        }
+
+
+def _by_key(entries: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        name = entry.get("name") or entry.get("model")
+        if not isinstance(name, str):
+            continue
+        try:
+            out[model_key(name)] = dict(entry)
+        except ValueError:
+            continue  # a name Ollama itself produced but we cannot route to: skip it
+    return out

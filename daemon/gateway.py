@@ -1,0 +1,92 @@
+"""The proxy's moving parts and their lifetime: connection pool, fleet, router, prober.
+
+``gateway_component`` is an aiohttp cleanup context: it starts them in dependency order
+(pool, fleet, first probe round bounded by ``health_timeout``, prober loop), and stops
+them in reverse. SIGHUP swaps nodes, weights and routing without touching requests in
+flight: those hold their own ``Node`` and finish on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from daemon.fleet import Fleet
+from daemon.logs import get_logger
+from daemon.prober import Prober
+from daemon.proxy import Proxy
+from daemon.router import Router
+from daemon.runtime import RUNTIME
+from daemon.settings import Settings
+
+log = get_logger("olmd.gateway")
+
+
+@dataclass(eq=False)
+class Gateway:
+    session: aiohttp.ClientSession
+    fleet: Fleet
+    router: Router
+    prober: Prober
+    proxy: Proxy
+
+    async def reload(self, settings: Settings) -> None:
+        fresh = self.fleet.update(settings.nodes(), settings.routing)
+        self.router.reconfigure(settings.routing)
+        self.proxy.configure(settings.routing)
+        self.prober.configure(settings)
+        for node in fresh:
+            self.prober.probe_soon(node)
+        if fresh:  # new nodes are useless until their models are known
+            await asyncio.gather(*(self.prober.probe(node) for node in fresh))
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
+
+
+def make_session() -> aiohttp.ClientSession:
+    # One pool for every node, kept alive; no limit of its own (the router caps per node).
+    # Bodies pass through as they are: no decompression, no cookie handling.
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60, keepalive_timeout=30)
+    return aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        timeout=aiohttp.ClientTimeout(total=None),
+        skip_auto_headers=("User-Agent",),
+    )
+
+
+async def gateway_component(app: web.Application) -> AsyncIterator[None]:
+    runtime = app[RUNTIME]
+    settings = runtime.settings
+    clock = time.monotonic
+    session = make_session()
+    try:
+        fleet = Fleet(settings.nodes(), settings.routing)
+        router = Router(fleet, settings.routing, clock)
+        prober = Prober(fleet, session, settings, clock)
+        proxy = Proxy(fleet, router, session, runtime.metrics, settings.routing)
+        gateway = Gateway(session, fleet, router, prober, proxy)
+        app[GATEWAY] = gateway
+        # Probes are bounded by health_timeout each, so the first round is too.
+        await prober.probe_all()
+        healthy = sum(
+            1 for n in fleet if n.probed_at is not None and not n.health.down and n.models
+        )
+        log.info("first_probe_round", nodes=len(fleet), answering=healthy)
+        runtime.metrics.watch_fleet(lambda: app[GATEWAY].fleet, lambda: app[GATEWAY].router)
+        prober.start()
+        runtime.liveness.append(prober.alive)
+        runtime.on_reload.append(gateway.reload)
+        try:
+            yield
+        finally:
+            await prober.stop()
+    finally:
+        await session.close()

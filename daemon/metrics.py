@@ -1,0 +1,181 @@
+"""Every metric olmd exports, on a registry owned by the running daemon (none global).
+
+Names carry units, counters have no hand-written ``_total``, labels are bounded: nodes
+come from settings, models from the fleet's own inventory, endpoints from a fixed table.
+Node state is read from the fleet at scrape time by a custom collector.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
+
+from daemon import __version__
+from daemon.domain import NodeState
+
+if TYPE_CHECKING:
+    from daemon.fleet import Fleet
+    from daemon.router import Router
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+# The *_created series double the exposition for no use in dashboards.
+disable_created_metrics()
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+TPS_BUCKETS = (1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        Info("olmd_build", "olmd build information", registry=r).info(
+            {"version": __version__, "python": platform.python_version()}
+        )
+        self.ready = Gauge(
+            "olmd_ready",
+            "1 when the daemon accepts traffic, 0 while starting or draining",
+            registry=r,
+        )
+        self.reloads = Gauge(
+            "olmd_config_last_reload_success",
+            "1 when the last settings reload succeeded, 0 when it was refused",
+            registry=r,
+        )
+        self.reloads.set(1)
+        # --- proxy -----------------------------------------------------------------------
+        self.requests = Counter(
+            "olmd_requests",
+            "Proxied requests by node, model, endpoint and HTTP status",
+            ["node", "model", "endpoint", "code"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "olmd_request_duration_seconds",
+            "Whole proxied request, until the last byte",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttfb = Histogram(
+            "olmd_time_to_first_byte_seconds",
+            "From the request's arrival to the first response byte from the node",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "olmd_tokens",
+            "Tokens from the nodes' final chunks (in: prompt, out: generated)",
+            ["node", "model", "direction"],
+            registry=r,
+        )
+        self.tokens_per_second = Histogram(
+            "olmd_generation_tokens_per_second",
+            "Generation speed reported by the node (eval_count / eval_duration)",
+            ["model"],
+            buckets=TPS_BUCKETS,
+            registry=r,
+        )
+        self.failovers = Counter(
+            "olmd_failovers",
+            "Attempts retried on another node before the first byte",
+            ["endpoint", "reason"],
+            registry=r,
+        )
+        self.stream_errors = Counter(
+            "olmd_stream_errors",
+            "Streams a node cut after the first byte reached the client",
+            ["node"],
+            registry=r,
+        )
+        self.upstream_cancelled = Counter(
+            "olmd_upstream_cancelled",
+            "Node requests cancelled because the client went away",
+            ["node"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "olmd_rejected_requests",
+            "Requests answered by olmd itself without a node",
+            ["endpoint", "code"],
+            registry=r,
+        )
+
+    def watch_fleet(self, fleet: Callable[[], Fleet], router: Callable[[], Router]) -> None:
+        """Export node state from the live fleet at every scrape."""
+        self.registry.register(_FleetCollector(fleet, router))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _FleetCollector(Collector):
+    def __init__(self, fleet: Callable[[], Fleet], router: Callable[[], Router]) -> None:
+        self._fleet = fleet
+        self._router = router
+
+    def collect(self) -> Iterable[Metric]:
+        fleet, router = self._fleet(), self._router()
+        now = time.monotonic()
+        state = GaugeMetricFamily(
+            "olmd_node_state", "1 for the state each node is in", labels=["node", "state"]
+        )
+        in_flight = GaugeMetricFamily(
+            "olmd_node_in_flight_requests", "Requests in flight per node", labels=["node"]
+        )
+        cooldown = GaugeMetricFamily(
+            "olmd_node_cooldown_remaining_seconds",
+            "Seconds until a cooldown ends",
+            labels=["node"],
+        )
+        ejections = CounterMetricFamily(
+            "olmd_node_ejections",
+            "Times each node was taken out for a cooldown",
+            labels=["node"],
+        )
+        models = GaugeMetricFamily(
+            "olmd_node_models", "Models each node holds (last probe)", labels=["node"]
+        )
+        loaded = GaugeMetricFamily(
+            "olmd_node_loaded_models",
+            "Models each node has in memory (last probe)",
+            labels=["node"],
+        )
+        for node in fleet:
+            current = node.state(now)
+            for s in NodeState:
+                state.add_metric([node.name, s.value], 1.0 if s is current else 0.0)
+            in_flight.add_metric([node.name], node.in_flight)
+            cooldown.add_metric([node.name], node.health.cooldown_remaining(now))
+            ejections.add_metric([node.name], node.health.total_ejections)
+            models.add_metric([node.name], len(node.models))
+            loaded.add_metric([node.name], len(node.loaded))
+        yield from (state, in_flight, cooldown, ejections, models, loaded)
+        yield GaugeMetricFamily(
+            "olmd_queued_requests",
+            "Requests waiting for a node under the in-flight cap",
+            value=router.queued,
+        )
+        yield GaugeMetricFamily(
+            "olmd_panic_routing",
+            "1 when too few nodes were healthy and the last request was routed across all",
+            value=1.0 if fleet.panic else 0.0,
+        )

@@ -1,0 +1,173 @@
+"""The plugin API: one ``typing.Protocol`` per plugin kind.
+
+The core talks to plugins only through these protocols, and plugins see the core only
+through them and through ``daemon.domain``. A plugin class is registered by name
+(``daemon.registry``: built-ins from a table, third parties from the entry point group
+``olmd.<kind>``) and constructed by the core with no arguments.
+
+Plugin kinds: ``Balancer`` (below). ``PullTransport`` (model downloads onto a node) is
+defined here by the sync issue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, TypeVar
+
+
+class NodeView(Protocol):
+    """What a balancer may know about a node: read-only, and nothing else.
+
+    The fleet's own node objects satisfy this protocol; balancers must not mutate them or
+    rely on any other attribute.
+    """
+
+    @property
+    def name(self) -> str:
+        """The node's unique name in the fleet; stable across reloads. Key state by it."""
+        ...
+
+    @property
+    def weight(self) -> int:
+        """The configured weight, at least 1. A weight-3 node should get 3 times the share
+        of a weight-1 node."""
+        ...
+
+    @property
+    def in_flight(self) -> int:
+        """Requests olmd has sent to this node that have not finished yet (>= 0)."""
+        ...
+
+
+NodeT = TypeVar("NodeT", bound=NodeView)
+
+
+class Balancer(Protocol):
+    """Chooses one node among candidates for one request.
+
+    Contract:
+
+    - The class is constructed with no arguments, once per routing table (again after a
+      reload), and ``choose`` is called on the event loop for every request. It must be
+      fast and must not block or do I/O.
+    - ``candidates`` is never empty. It is in the fleet's configured order and already
+      filtered by the router: only nodes the fleet calls routable (healthy, not cooling,
+      not down, not draining; or every non-draining node when the fleet is in panic
+      routing) and that hold the requested model. Health is not the balancer's business.
+    - The subset differs from request to request (per model, and as nodes cool down and
+      come back), and nodes may be added or removed between calls. A balancer may keep
+      state keyed by ``NodeView.name``; it must cope with names it has not seen and with
+      remembered names that are absent.
+    - ``choose`` returns one of the candidate objects itself (not a copy, not a node from
+      an earlier call); the generic signature lets the router get its own node type back.
+    """
+
+    def choose(self, candidates: Sequence[NodeT]) -> NodeT:
+        """Return the candidate that should serve the next request."""
+        ...
+
+
+# --- model downloads (the sync issue) ---------------------------------------------------
+
+
+class PullTarget(Protocol):
+    """Where a transport pulls a model to: one node, as the sync engine describes it.
+
+    Read-only. Every field is already resolved from settings and secrets (per-node values
+    first, then global ones), so a transport reads no configuration of its own.
+    """
+
+    @property
+    def name(self) -> str:
+        """The node's name in settings; for messages only."""
+        ...
+
+    @property
+    def url(self) -> str:
+        """The node's Ollama API, e.g. ``http://10.0.0.11:11434`` (no trailing slash)."""
+        ...
+
+    @property
+    def ssh_host(self) -> str:
+        """The host to reach over SSH (``ssh_host`` in settings, else the node's host)."""
+        ...
+
+    @property
+    def ssh_port(self) -> int: ...
+
+    @property
+    def ssh_user(self) -> str | None:
+        """The SSH login; None means the local user's name."""
+        ...
+
+    @property
+    def ssh_key_path(self) -> str | None:
+        """A private key file; None means the usual defaults (``~/.ssh/id_*``, the agent)."""
+        ...
+
+    @property
+    def known_hosts(self) -> str:
+        """The known_hosts file the node's host key must be listed in. Never empty:
+        a transport must not connect to a host whose key it cannot check."""
+        ...
+
+    @property
+    def connect_timeout(self) -> float:
+        """Seconds to open a connection (TCP, and the SSH handshake)."""
+        ...
+
+
+class PullProgress(Protocol):
+    """Where a transport reports a pull's progress; the sync engine provides it."""
+
+    def __call__(self, status: str, completed: int, total: int) -> None:
+        """``status`` is the node's latest status text ("pulling manifest", "pulling
+        8eeb52dfb3bb", "verifying sha256 digest"); ``completed`` and ``total`` are bytes
+        summed over the layers seen so far (0 when unknown). Cheap and non-blocking."""
+        ...
+
+
+class PullError(Exception):
+    """A pull that did not succeed; ``str(error)`` says why, for people.
+
+    ``retryable``: trying again later may help (network trouble, a node error, a stall).
+    ``node_fatal``: nothing should be tried on this node in this run (an unknown or
+    changed SSH host key, refused credentials); the engine skips its other models.
+    """
+
+    def __init__(self, message: str, *, retryable: bool = True, node_fatal: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable and not node_fatal
+        self.node_fatal = node_fatal
+
+
+class PullTransport(Protocol):
+    """Downloads a model onto a node (``transport`` in a node's settings picks one).
+
+    Contract:
+
+    - The class is constructed with no arguments, once per sync run. ``pull`` may be
+      called concurrently, for different nodes and for the same node; ``aclose`` is
+      called once at the end of the run, after every pull has returned, and releases
+      whatever the transport kept open (sessions, connections).
+    - ``pull`` validates ``model`` with ``daemon.domain.ModelRef.parse`` before it builds
+      any request or command, raising ``ValueError`` for a name Ollama would refuse.
+    - ``pull`` returns when the node reports success and raises :class:`PullError`
+      otherwise (other exceptions are treated as retryable failures, but say less).
+    - Progress goes to ``progress`` whenever something changes. The engine counts a
+      change of status or completed bytes as activity and cancels a pull that shows none
+      for the stall timeout (then retries it: Ollama resumes partial downloads), and it
+      cancels pulls still running when the download window closes. So ``pull`` must be
+      cancellable at every ``await`` and must release its request or channel on
+      cancellation.
+    - Retries, backoff, parallelism and deadlines are the engine's business, not the
+      transport's: one call is one attempt.
+    """
+
+    async def pull(self, target: PullTarget, model: str, progress: PullProgress) -> None:
+        """Pull ``model`` onto ``target``; return on success, raise PullError otherwise."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release everything the transport holds. Called once, at the end of the run."""
+        ...

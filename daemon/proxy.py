@@ -1,0 +1,448 @@
+"""Forwarding LLM requests to a node and streaming the answer back untouched.
+
+Per request: read the body once, take its ``model``, ask the router for a node, forward
+over the shared connection pool, copy bytes through as they arrive. Before the first byte
+reaches the client a failure moves the request to another node; after it, a cut ends the
+stream with one error line in the stream's own format. Nothing per chunk but a write and
+a timestamp; only the final chunk is parsed, for token metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from daemon.domain import FailureKind, classify_status
+from daemon.fleet import Fleet, Node, model_key
+from daemon.metrics import Metrics
+from daemon.router import NoNode, Router
+from daemon.settings import RoutingSettings
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "authorization",
+        "cookie",
+        "x-olmd-node",
+    }
+)
+# Response headers not copied: hop-by-hop, and those aiohttp sets itself.
+_SKIP_RESPONSE = frozenset({*HOP_BY_HOP, "date", "server"})
+_ERROR_BODY_LIMIT = 64 * 1024
+
+
+def json_error(status: int, message: str, **headers: str) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+def openai_error(status: int, message: str, **headers: str) -> web.Response:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A proxied route: the client's path, the node's path, and its error dialect."""
+
+    path: str
+    upstream: str
+    openai: bool = False
+
+
+class _Retry(Exception):
+    """An attempt failed before the first byte reached the client; try another node."""
+
+    def __init__(self, reason: str, response: web.Response) -> None:
+        self.reason = reason
+        self.response = response  # what the client gets if no attempt is left
+
+
+class Proxy:
+    def __init__(
+        self,
+        fleet: Fleet,
+        router: Router,
+        session: aiohttp.ClientSession,
+        metrics: Metrics,
+        routing: RoutingSettings,
+    ) -> None:
+        self.fleet = fleet
+        self.router = router
+        self.session = session
+        self.metrics = metrics
+        self.active = 0
+        self.retrying = 0
+        self.configure(routing)
+
+    def configure(self, routing: RoutingSettings) -> None:
+        self.routing = routing
+        self.timeout = aiohttp.ClientTimeout(
+            total=routing.total_timeout or None, sock_connect=routing.connect_timeout
+        )
+
+    def _retry_allowed(self) -> bool:
+        # Envoy-style retry budget: retries in flight stay under a share of requests in
+        # flight, so a fleet-wide outage does not multiply the load by max_attempts.
+        budget = max(3, self.active * self.routing.retry_budget_percent // 100)
+        return self.retrying < budget
+
+    async def forward(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+        started = time.monotonic()
+        error = openai_error if endpoint.openai else json_error
+        body = await request.read()
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            return error(400, "invalid JSON in the request body")
+        if not isinstance(payload, dict):
+            return error(400, "the request body must be a JSON object")
+        name = payload.get("model") or payload.get("name")
+        if not isinstance(name, str) or not name:
+            return error(400, "model is required")
+        try:
+            key = model_key(name)
+        except ValueError as exc:
+            return error(400, str(exc))
+        upstream = endpoint.upstream
+        if upstream == "embeddings":  # the wrapper route takes either body form
+            upstream = "/api/embed" if "input" in payload else "/api/embeddings"
+        headers = _forward_headers(request)
+        tried: list[str] = []
+        last: web.Response | None = None
+        self.active += 1
+        try:
+            while True:
+                try:
+                    node = await self.router.acquire(key, exclude=tried)
+                except NoNode as exc:
+                    if last is not None and exc.status == 404:
+                        return last  # every node holding the model was tried
+                    self.metrics.rejected.labels(endpoint.path, str(exc.status)).inc()
+                    extra = {"Retry-After": str(int(exc.retry_after))} if exc.retry_after else {}
+                    return error(exc.status, exc.message, **extra)
+                tried.append(node.name)
+                retry = len(tried) > 1
+                if retry:
+                    self.retrying += 1
+                try:
+                    return await self._attempt(
+                        request, node, endpoint, upstream, body, headers, key, started
+                    )
+                except _Final as final:
+                    self.metrics.requests.labels(
+                        node.name, key, endpoint.path, str(final.response.status)
+                    ).inc()
+                    return final.response
+                except _Retry as failed:
+                    last = failed.response
+                    out_of_attempts = len(tried) >= self.routing.max_attempts
+                    if out_of_attempts or not self._retry_allowed():
+                        return failed.response
+                    self.metrics.failovers.labels(endpoint.path, failed.reason).inc()
+                finally:
+                    self.router.release(node)
+                    if retry:
+                        self.retrying -= 1
+        finally:
+            self.active -= 1
+
+    async def pass_through(self, request: web.Request, node: Node) -> web.StreamResponse:
+        """Forward a request as it is (method, path, query, streamed body) to one node."""
+        async with self.session.request(
+            request.method,
+            node.url + request.path_qs,
+            data=request.content if request.body_exists else None,
+            headers=_forward_headers(request),
+            timeout=self.timeout,
+        ) as upstream:
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            for name, value in upstream.headers.items():
+                if name.lower() not in _SKIP_RESPONSE:
+                    response.headers.add(name, value)
+            response.headers["X-Olmd-Node"] = node.name
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+
+    async def _attempt(
+        self,
+        request: web.Request,
+        node: Node,
+        endpoint: Endpoint,
+        upstream_path: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        key: str,
+        started: float,
+    ) -> web.StreamResponse:
+        error = openai_error if endpoint.openai else json_error
+        routing = self.routing
+        node_header = {"X-Olmd-Node": node.name}
+        try:
+            async with asyncio.timeout(routing.first_byte_timeout):
+                upstream = await self.session.post(
+                    node.url + upstream_path, data=body, headers=headers, timeout=self.timeout
+                )
+                try:
+                    if upstream.status >= 400:
+                        await self._refused(node, upstream, key, error, node_header)
+                    first = await upstream.content.readany()
+                except BaseException:
+                    upstream.close()
+                    raise
+        except TimeoutError:
+            self._failed(node, FailureKind.TIMEOUT, "no first byte in time")
+            raise _Retry(
+                "timeout", error(504, f"node {node.name} sent nothing in time", **node_header)
+            ) from None
+        except aiohttp.ClientError as exc:
+            self._failed(node, FailureKind.CONNECT, str(exc) or type(exc).__name__)
+            raise _Retry(
+                "connect", error(502, f"node {node.name} unreachable", **node_header)
+            ) from None
+        ttfb = time.monotonic() - started
+        self.metrics.ttfb.labels(endpoint.path).observe(ttfb)
+        return await self._relay(request, node, endpoint, upstream, first, key, started)
+
+    async def _refused(
+        self,
+        node: Node,
+        upstream: aiohttp.ClientResponse,
+        key: str,
+        error: Any,
+        node_header: dict[str, str],
+    ) -> None:
+        """Decide about an error status before anything reached the client.
+
+        Raises _Retry when another node should be tried; returns when the answer (a 400,
+        or a 404 that is not about the model) is the client's to see.
+        """
+        status = upstream.status
+        text = (await upstream.content.read(_ERROR_BODY_LIMIT)).decode("utf-8", "replace")
+        message = _error_message(text) or upstream.reason or "error"
+        reply = error(status, message, **node_header)
+        kind = classify_status(status)
+        if status == 404 and "not found" in message:
+            self.fleet.model_missing(node, key)
+            raise _Retry("model_missing", reply)
+        if kind is None:
+            raise _Final(reply)
+        self._failed(node, kind, f"HTTP {status}: {message}")
+        raise _Retry("busy" if kind is FailureKind.BUSY503 else "http5xx", reply)
+
+    async def _relay(
+        self,
+        request: web.Request,
+        node: Node,
+        endpoint: Endpoint,
+        upstream: aiohttp.ClientResponse,
+        first: bytes,
+        key: str,
+        started: float,
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        for name, value in upstream.headers.items():
+            if name.lower() not in _SKIP_RESPONSE:
+                response.headers.add(name, value)
+        response.headers["X-Olmd-Node"] = node.name
+        if upstream.content_length is not None:
+            response.content_length = upstream.content_length
+        content_type = upstream.headers.get("Content-Type", "")
+        sse = content_type.startswith("text/event-stream")
+        loop = asyncio.get_running_loop()
+        status = upstream.status
+        prev, tail = b"", first
+        try:
+            await response.prepare(request)
+            if first:
+                await response.write(first)
+            async with asyncio.timeout(None) as deadline:
+                guard = _IdleGuard(loop, deadline, self.routing.idle_timeout)
+                try:
+                    async for chunk in upstream.content.iter_any():
+                        guard.last = loop.time()
+                        prev, tail = tail, chunk
+                        await response.write(chunk)
+                finally:
+                    guard.cancel()
+            self.fleet.request_ok(node, time.monotonic())
+            await response.write_eof()
+        except ConnectionResetError:
+            # Raised by our writes (aiohttp's ClientConnectionResetError): the client left.
+            return self._client_gone(node, upstream, response)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            upstream.close()
+            detail = "idle timeout" if isinstance(exc, TimeoutError) else "stream cut"
+            kind = FailureKind.TIMEOUT if isinstance(exc, TimeoutError) else FailureKind.CONNECT
+            self._failed(node, kind, detail)
+            self.metrics.stream_errors.labels(node.name).inc()
+            await _final_error(response, sse, f"node {node.name}: {detail}")
+            status = 599  # recorded as a failed stream in metrics
+        except asyncio.CancelledError:
+            self._client_gone(node, upstream, response)
+            raise
+        finally:
+            upstream.release()
+        self._observe(node, endpoint, key, status, started, prev + tail, sse)
+        return response
+
+    def _client_gone(
+        self, node: Node, upstream: aiohttp.ClientResponse, response: web.StreamResponse
+    ) -> web.StreamResponse:
+        # Closing the node's connection is what stops the GPU generating.
+        upstream.close()
+        self.metrics.upstream_cancelled.labels(node.name).inc()
+        return response
+
+    def _failed(self, node: Node, kind: FailureKind, detail: str) -> None:
+        self.fleet.request_failed(node, time.monotonic(), kind, detail)
+
+    def _observe(
+        self,
+        node: Node,
+        endpoint: Endpoint,
+        key: str,
+        status: int,
+        started: float,
+        tail: bytes,
+        sse: bool,
+    ) -> None:
+        metrics = self.metrics
+        metrics.requests.labels(node.name, key, endpoint.path, str(status)).inc()
+        metrics.latency.labels(endpoint.path).observe(time.monotonic() - started)
+        usage = usage_from_tail(tail, sse)
+        if usage is None:
+            return
+        prompt, generated, eval_ns = usage
+        metrics.tokens.labels(node.name, key, "in").inc(prompt)
+        metrics.tokens.labels(node.name, key, "out").inc(generated)
+        if eval_ns > 0 and generated > 0:
+            metrics.tokens_per_second.labels(key).observe(generated / (eval_ns / 1e9))
+
+
+class _Final(Exception):
+    """An upstream error answer the client should see as it is (no failover)."""
+
+    def __init__(self, response: web.Response) -> None:
+        self.response = response
+
+
+class _IdleGuard:
+    """Expires ``deadline`` when no chunk arrived for ``idle`` seconds.
+
+    The stream loop only stores a timestamp per chunk; one timer re-arms itself, so there
+    is no timer churn per chunk.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, deadline: asyncio.Timeout, idle: float):
+        self.loop = loop
+        self.deadline = deadline
+        self.idle = idle
+        self.last = loop.time()
+        self._handle = loop.call_at(self.last + idle, self._check)
+
+    def _check(self) -> None:
+        now = self.loop.time()
+        if now - self.last >= self.idle:
+            self.deadline.reschedule(now)
+        else:
+            self._handle = self.loop.call_at(self.last + self.idle, self._check)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+
+def _forward_headers(request: web.Request) -> CIMultiDict[str]:
+    headers: CIMultiDict[str] = CIMultiDict(
+        (k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP
+    )
+    peer = request.remote or ""
+    prior = request.headers.get("X-Forwarded-For")
+    headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    return headers
+
+
+def _error_message(text: str) -> str | None:
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text.strip()[:500] or None
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, str):
+            return err
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return str(err["message"])
+    return None
+
+
+async def _final_error(response: web.StreamResponse, sse: bool, message: str) -> None:
+    """End a cut stream with one error line in its own format, if the client is there.
+
+    A body of announced length cannot carry an extra line: its connection is closed, and
+    the client sees a short read.
+    """
+    if response.content_length is not None:
+        response.force_close()
+        return
+    if sse:
+        error = {"error": {"message": message, "type": "server_error"}}
+        data = b"data: " + json.dumps(error).encode() + b"\n\n"
+    else:
+        data = json.dumps({"error": message}).encode() + b"\n"
+    try:
+        await response.write(data)
+        await response.write_eof()
+    except ConnectionResetError:
+        pass
+
+
+def usage_from_tail(tail: bytes, sse: bool) -> tuple[int, int, int] | None:
+    """(prompt tokens, generated tokens, eval nanoseconds) from a response's last bytes.
+
+    Ollama puts the counts in its final chunk (``done: true``); the OpenAI-compatible
+    routes put ``usage`` in the last object before ``[DONE]``.
+    """
+    for raw in reversed(tail.split(b"\n")):
+        line = raw.strip()
+        if sse:
+            if not line.startswith(b"data:"):
+                continue
+            line = line[5:].strip()
+        if not line.startswith(b"{") or not (b'"eval_count"' in line or b'"usage"' in line):
+            continue
+        try:
+            data = json.loads(line)
+        except ValueError:
+            return None
+        if not isinstance(data, dict):
+            return None
+        if isinstance(data.get("usage"), dict):
+            usage = data["usage"]
+            return int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)), 0
+        return (
+            int(data.get("prompt_eval_count", 0)),
+            int(data.get("eval_count", 0)),
+            int(data.get("eval_duration", 0)),
+        )
+    return None

@@ -1,0 +1,55 @@
+"""What the running daemon knows about itself: settings, metrics, phase, load, hooks.
+
+One ``Runtime`` per application, at ``app[RUNTIME]``. Components register what they need
+on it: a reload hook for SIGHUP, a liveness check for the systemd watchdog.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from daemon.metrics import Metrics
+from daemon.settings import Settings
+
+ReloadHook = Callable[[Settings], Awaitable[None]]
+LivenessCheck = Callable[[], bool]
+
+
+class Phase(enum.StrEnum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+
+
+@dataclass(eq=False)
+class Runtime:
+    """What the running daemon knows about itself; one per application."""
+
+    settings: Settings
+    metrics: Metrics
+    phase: Phase = Phase.STARTING
+    in_flight: int = 0
+    cancelled_on_drain: int = 0
+    on_reload: list[ReloadHook] = field(default_factory=list)
+    liveness: list[LivenessCheck] = field(default_factory=list)
+
+    def set_phase(self, phase: Phase) -> None:
+        self.phase = phase
+        self.metrics.ready.set(1 if phase is Phase.READY else 0)
+
+    def alive(self) -> bool:
+        """True while every background component that registered a check is running."""
+        return all(check() for check in self.liveness)
+
+    async def apply(self, settings: Settings) -> None:
+        """Swap in validated settings; each component adopts them without dropping requests."""
+        self.settings = settings
+        for hook in self.on_reload:
+            await hook(settings)
+
+
+RUNTIME = web.AppKey("runtime", Runtime)

@@ -1,0 +1,127 @@
+"""Running the daemon: listen, notify systemd, reload on SIGHUP, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from daemon.app import create_app
+from daemon.logs import get_logger
+from daemon.runtime import RUNTIME, Phase, Runtime
+from daemon.settings import Settings, SettingsError
+from daemon.systemd import Notifier, watchdog_interval
+
+log = get_logger("olmd.service")
+
+Loader = Callable[[], Settings]
+OnReady = Callable[[Runtime, int], Awaitable[None] | None]
+
+
+async def _watchdog(runtime: Runtime, notifier: Notifier, interval: float) -> None:
+    # Pinging from the loop proves the loop runs; the liveness checks prove the
+    # background components (prober, scheduler) still run too.
+    while True:
+        if runtime.alive():
+            notifier.watchdog()
+        else:
+            log.error("watchdog_withheld", reason="a background component stopped")
+        await asyncio.sleep(interval)
+
+
+async def reload(runtime: Runtime, loader: Loader, notifier: Notifier) -> bool:
+    """Re-read settings; on any error keep the running ones. True when applied."""
+    notifier.reloading()
+    try:
+        try:
+            new = loader()
+        except SettingsError as exc:
+            runtime.metrics.reloads.set(0)
+            log.error("reload_refused", source=exc.source, problems=exc.problems)
+            return False
+        old = runtime.settings.server
+        if (new.server.host, new.server.port) != (old.host, old.port):
+            log.warning("reload_listen_unchanged", reason="a new listen address needs a restart")
+        await runtime.apply(new)
+        runtime.metrics.reloads.set(1)
+        log.info("reloaded", nodes=len(new.nodes()), strategy=new.routing.strategy)
+        return True
+    finally:
+        notifier.ready()
+
+
+async def serve(
+    settings: Settings,
+    *,
+    loader: Loader | None = None,
+    app: web.Application | None = None,
+    on_ready: OnReady | None = None,
+    notifier: Notifier | None = None,
+) -> int:
+    """Serve until SIGTERM or SIGINT; returns the exit code."""
+    notifier = notifier or Notifier()
+    app = app if app is not None else create_app(settings)
+    runtime = app[RUNTIME]
+    server = settings.server
+    runner = web.AppRunner(
+        app, handle_signals=False, access_log=None, shutdown_timeout=server.drain_timeout
+    )
+    await runner.setup()  # starts every component, in order
+    stop = asyncio.Event()
+    tasks: set[asyncio.Task[object]] = set()
+    loop = asyncio.get_running_loop()
+
+    def spawn(coro: Awaitable[object]) -> None:
+        task: asyncio.Task[object] = asyncio.ensure_future(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    try:
+        site = web.TCPSite(runner, server.host, server.port, reuse_address=True)
+        await site.start()
+        port = _bound_port(runner) or server.port
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if loader is not None:
+            loop.add_signal_handler(signal.SIGHUP, lambda: spawn(reload(runtime, loader, notifier)))
+        runtime.set_phase(Phase.READY)
+        if not settings.api_keys and server.host not in ("127.0.0.1", "::1", "localhost"):
+            log.warning("no_api_keys", host=server.host, reason="LLM routes are open to anyone")
+        log.info("listening", host=server.host, port=port, nodes=len(settings.nodes()))
+        notifier.ready(status=f"listening on {server.host}:{port}")
+        interval = watchdog_interval()
+        if interval and notifier.enabled:
+            spawn(_watchdog(runtime, notifier, interval))
+        if on_ready is not None:
+            result = on_ready(runtime, port)
+            if result is not None:
+                await result
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        notifier.stopping()
+        runtime.set_phase(Phase.DRAINING)
+        log.info("draining", in_flight=runtime.in_flight, timeout=server.drain_timeout)
+        for task in list(tasks):
+            task.cancel()
+        for task in list(tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        # Closes the listener, waits up to drain_timeout for handlers, cancels the rest,
+        # then stops the components in reverse order.
+        await runner.cleanup()
+        if runtime.cancelled_on_drain:
+            log.warning("drain_cancelled", requests=runtime.cancelled_on_drain)
+        log.info("stopped")
+    return 0
+
+
+def _bound_port(runner: web.AppRunner) -> int | None:
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            return int(address[1])
+    return None

@@ -1,0 +1,443 @@
+"""olmd's settings: one validated, immutable object built at start-up and on SIGHUP.
+
+Sources, lowest to highest precedence: defaults, the settings file (TOML, or JSON with the
+same keys), ``OLMD_*`` environment variables (``OLMD_SERVER__PORT=8080``; lists as JSON),
+then secrets from the environment or a ``.env`` file. Secrets never come from the file.
+Every problem is reported as ``key: reason (got value)`` in one :class:`SettingsError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from daemon import registry
+from daemon.domain import ModelRef
+from daemon.window import AllowedWindow
+
+ENV_PREFIX = "OLMD_"
+DEFAULT_PATHS = (Path("settings.toml"), Path("/etc/olmd/settings.toml"))
+# Environment variables that carry secrets, by field name. The guide's names are kept.
+SECRET_ENV = {
+    "api_keys": "OLMD_API_KEYS",
+    "admin_token": "OLMD_ADMIN_TOKEN",
+    "remote_host": "OLLAMA_REMOTE_HOST",
+    "remote_port": "OLLAMA_REMOTE_PORT",
+    "ssh_user": "OLLAMA_SSH_USER",
+    "ssh_key_path": "OLLAMA_SSH_KEY_PATH",
+}
+# OLMD_* names that are not settings keys but are still ours.
+OTHER_ENV = {"OLMD_CONFIG"}
+
+
+class SettingsError(Exception):
+    """Settings that cannot be used. ``problems`` holds one ``key: reason`` line each."""
+
+    def __init__(self, source: str, problems: Iterable[str]) -> None:
+        self.source = source
+        self.problems = list(problems)
+        super().__init__(f"invalid settings ({source}):\n  " + "\n  ".join(self.problems))
+
+
+def _parse_window(value: object) -> object:
+    return AllowedWindow.parse(value) if isinstance(value, str) else value
+
+
+Window = Annotated[
+    AllowedWindow, BeforeValidator(_parse_window), PlainSerializer(str, return_type=str)
+]
+
+
+def _model_name(value: object) -> object:
+    if isinstance(value, str):
+        ModelRef.parse(value)  # raises ValueError naming the rule the name breaks
+    return value
+
+
+ModelName = Annotated[str, BeforeValidator(_model_name)]
+Seconds = Annotated[float, Field(gt=0)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(Section):
+    host: str = "127.0.0.1"
+    port: Port = 11435
+    drain_timeout: Seconds = 30.0
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+
+
+class RoutingSettings(Section):
+    strategy: str = "weighted"
+    probe_interval: Seconds = 5.0
+    probe_concurrency: int = Field(default=64, ge=1, le=1024)
+    cooldown: Seconds = 10.0
+    cooldown_max: Seconds = 300.0
+    failures_to_eject: int = Field(default=3, ge=1)
+    busy_cooldown: float = Field(default=1.0, ge=0)
+    rise: int = Field(default=2, ge=1)
+    fall: int = Field(default=3, ge=1)
+    max_ejection_percent: int = Field(default=100, ge=0, le=100)
+    prefer_loaded: bool = True
+    max_in_flight_per_node: int = Field(default=32, ge=0)  # 0: no cap
+    queue_limit: int = Field(default=256, ge=0)
+    queue_timeout: Seconds = 30.0
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    retry_budget_percent: int = Field(default=20, ge=0, le=100)
+    connect_timeout: Seconds = 5.0
+    first_byte_timeout: Seconds = 300.0
+    idle_timeout: Seconds = 120.0
+    total_timeout: float = Field(default=0, ge=0)  # 0: none
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        known = registry.names("balancers")
+        if value not in known:
+            raise ValueError(f"unknown strategy; expected one of {known}")
+        return value
+
+
+class ReportSettings(Section):
+    min_ram_gb: float = Field(default=64, ge=0)
+    min_free_disk_gb: float = Field(default=700, ge=0)
+    path: Path = Path("docs/deployment/ollama-health-report.md")
+
+
+class RetrySettings(Section):
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    backoff_seconds: float = Field(default=20, ge=0)
+
+
+class DownloadSettings(Section):
+    data_root: str = "~/.ollama"
+    allowed_window: Window = AllowedWindow.parse("02:00-06:00 UTC+8")
+    max_parallel_jobs: int = Field(default=1, ge=1, le=64)
+    # A pull showing no progress for this long is cancelled and retried (Ollama resumes).
+    stall_timeout: Seconds = 300.0
+    retry: RetrySettings = RetrySettings()
+
+
+class NodeSettings(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+    host: str = Field(min_length=1)
+    port: Port = 11434
+    scheme: Literal["http", "https"] = "http"
+    weight: int = Field(default=1, ge=1, le=1000)
+    transport: str = "http"
+    ssh_host: str | None = None
+    ssh_port: Port = 22
+    ssh_user: str | None = None
+
+    @field_validator("transport")
+    @classmethod
+    def _known_transport(cls, value: str) -> str:
+        known = registry.names("transports")
+        if value not in known:
+            raise ValueError(f"unknown transport; expected one of {known}")
+        return value
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+
+class OllamaSettings(Section):
+    scheme: Literal["http", "https"] = "http"
+    host: str = "127.0.0.1"
+    port: Port = 11434
+    health_timeout: Seconds = 10.0
+    baseline_models: list[ModelName] = []
+    fallback_models: list[ModelName] = []
+    download: DownloadSettings = DownloadSettings()
+    nodes: list[NodeSettings] = []
+
+    @field_validator("nodes")
+    @classmethod
+    def _unique_names(cls, nodes: list[NodeSettings]) -> list[NodeSettings]:
+        seen: set[str] = set()
+        for node in nodes:
+            if node.name in seen:
+                raise ValueError(f"duplicate node name {node.name!r}; names must be unique")
+            seen.add(node.name)
+        return nodes
+
+
+class ServicesSettings(Section):
+    ollama: OllamaSettings = OllamaSettings()
+
+
+class SyncJobSettings(Section):
+    enabled: bool = True
+    schedule_cron: str = "0 3 * * *"
+    manifest_path: Path = Path("docs/deployment/ollama-models-manifest.json")
+
+    @field_validator("schedule_cron")
+    @classmethod
+    def _cron_parses(cls, value: str) -> str:
+        from apscheduler.triggers.cron import CronTrigger
+
+        try:
+            CronTrigger.from_crontab(value, timezone="UTC")
+        except ValueError as exc:
+            raise ValueError(
+                f"not a cron expression ({exc}); expected five fields, e.g. '0 3 * * *'"
+            ) from exc
+        return value
+
+
+class JobsSettings(Section):
+    ollama_sync: SyncJobSettings = SyncJobSettings()
+
+
+class SshSettings(Section):
+    known_hosts: Path | None = None
+    connect_timeout: Seconds = 10.0
+
+
+def _split_keys(value: object) -> object:
+    if isinstance(value, str):
+        return [key.strip() for key in value.split(",") if key.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """The whole configuration. Build it with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="ignore",  # unknown keys are caught by _check_keys, with better messages
+        frozen=True,
+        case_sensitive=False,
+    )
+
+    server: ServerSettings = ServerSettings()
+    routing: RoutingSettings = RoutingSettings()
+    report: ReportSettings = ReportSettings()
+    services: ServicesSettings = ServicesSettings()
+    jobs: JobsSettings = JobsSettings()
+    ssh: SshSettings = SshSettings()
+
+    # Secrets: environment or .env only.
+    api_keys: Annotated[list[SecretStr], NoDecode, BeforeValidator(_split_keys)] = Field(
+        default=[], validation_alias=SECRET_ENV["api_keys"]
+    )
+    admin_token: SecretStr | None = Field(default=None, validation_alias=SECRET_ENV["admin_token"])
+    remote_host: str | None = Field(default=None, validation_alias=SECRET_ENV["remote_host"])
+    remote_port: Port | None = Field(default=None, validation_alias=SECRET_ENV["remote_port"])
+    ssh_user: str | None = Field(default=None, validation_alias=SECRET_ENV["ssh_user"])
+    ssh_key_path: SecretStr | None = Field(
+        default=None, validation_alias=SECRET_ENV["ssh_key_path"]
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's contents arrive as init arguments; the environment overrides them.
+        return env_settings, dotenv_settings, init_settings
+
+    @field_validator("api_keys")
+    @classmethod
+    def _api_keys_usable(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        if any(len(key.get_secret_value()) < 8 for key in keys):
+            raise ValueError("every key needs 8 characters or more")
+        return keys
+
+    @model_validator(mode="after")
+    def _cron_inside_window(self) -> Settings:
+        job, window = self.jobs.ollama_sync, self.services.ollama.download.allowed_window
+        outside = _first_time_outside(job.schedule_cron, window) if job.enabled else None
+        if outside is not None:
+            raise ValueError(
+                f"jobs.ollama_sync.schedule_cron {job.schedule_cron!r} fires at {outside}, "
+                f"outside services.ollama.download.allowed_window {str(window)!r} "
+                "(the cron is read in the window's zone)"
+            )
+        return self
+
+    def nodes(self) -> list[NodeSettings]:
+        """The fleet: the listed nodes, or the single ``services.ollama`` host as one node."""
+        ollama = self.services.ollama
+        if ollama.nodes:
+            return list(ollama.nodes)
+        host = self.remote_host or ollama.host
+        return [
+            NodeSettings(
+                name=_node_name(host),
+                host=host,
+                port=self.remote_port or ollama.port,
+                scheme=ollama.scheme,
+                ssh_user=self.ssh_user,
+            )
+        ]
+
+    def models(self) -> list[str]:
+        """Baseline then fallback models, each once, in order."""
+        out: dict[str, None] = {}
+        for name in (*self.services.ollama.baseline_models, *self.services.ollama.fallback_models):
+            out.setdefault(name, None)
+        return list(out)
+
+    def public_dict(self) -> dict[str, Any]:
+        """Every non-secret setting, JSON-compatible; secrets shown only as set or not."""
+        data = self.model_dump(mode="json", exclude=set(SECRET_ENV))
+        data["secrets"] = {
+            SECRET_ENV[name]: ("***" if getattr(self, name) not in (None, []) else "(not set)")
+            for name in SECRET_ENV
+        }
+        return data
+
+
+def _first_time_outside(cron: str, window: AllowedWindow) -> str | None:
+    """The first time of day (HH:MM) at which ``cron`` fires outside ``window``, if any."""
+    from datetime import UTC, datetime, timedelta
+
+    from apscheduler.triggers.cron import CronTrigger
+
+    # Only the minute and hour fields decide the times of day; dates and DST do not enter
+    # into it, so one day of wall-clock times (read as UTC) covers every case.
+    minute, hour = cron.split()[:2]
+    trigger = CronTrigger(minute=minute, hour=hour, timezone=UTC)
+    day = datetime(2024, 1, 1, tzinfo=UTC)
+    fire = trigger.get_next_fire_time(None, day)
+    while fire is not None and fire < day + timedelta(days=1):
+        if not window.contains_time(fire.time().replace(tzinfo=None)):
+            return f"{fire:%H:%M}"
+        fire = trigger.get_next_fire_time(fire, fire + timedelta(minutes=1))
+    return None
+
+
+def _node_name(host: str) -> str:
+    cleaned = "".join(c if c.isalnum() or c in "._-" else "-" for c in host).strip("-.")
+    return cleaned[:63] or "node"
+
+
+def find_settings_file(explicit: str | os.PathLike[str] | None) -> Path | None:
+    """``--config``, else ``$OLMD_CONFIG``, else ./settings.toml, else /etc/olmd/settings.toml."""
+    chosen = explicit or os.environ.get("OLMD_CONFIG")
+    if chosen:
+        path = Path(chosen).expanduser()
+        if not path.is_file():
+            raise SettingsError(str(path), [f"settings file {str(path)!r} does not exist"])
+        return path
+    return next((p for p in DEFAULT_PATHS if p.is_file()), None)
+
+
+def read_settings_file(path: Path) -> dict[str, Any]:
+    """The file's contents as a dict: TOML, or JSON when the name ends in .json."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SettingsError(str(path), [f"cannot read the file: {exc.strerror}"]) from exc
+    try:
+        data: object = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        kind = "JSON" if path.suffix == ".json" else "TOML"
+        raise SettingsError(str(path), [f"not valid {kind}: {exc}"]) from exc
+    if not isinstance(data, dict):
+        raise SettingsError(str(path), ["the top level must be a table of sections"])
+    return data
+
+
+def _check_keys(file_data: Mapping[str, Any], environ: Mapping[str, str]) -> list[str]:
+    sections = set(Settings.model_fields) - set(SECRET_ENV)
+    problems = []
+    for key in file_data:
+        if key in SECRET_ENV or key.upper() in SECRET_ENV.values():
+            problems.append(f"{key}: secrets belong in the environment or .env, not in the file")
+        elif key not in sections:
+            problems.append(f"{key}: unknown section; expected one of {sorted(sections)}")
+    for name in environ:
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in SECRET_ENV.values() or upper in OTHER_ENV:
+            continue
+        section = upper[len(ENV_PREFIX) :].split("__", 1)[0].lower()
+        if section not in sections:
+            problems.append(f"{name}: unknown setting; OLMD_<SECTION>__<KEY> expected")
+    return problems
+
+
+def _dotenv(path: Path | None) -> dict[str, str]:
+    if path is None or not path.is_file():
+        return {}
+    from dotenv import dotenv_values  # a pydantic-settings dependency
+
+    return {k: v for k, v in dotenv_values(path).items() if v is not None}
+
+
+def _key(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            part = SECRET_ENV.get(part, part)
+            out += f".{part}" if out else part
+    return out
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    loc = tuple(p for p in error["loc"] if not str(p).startswith("function-"))
+    key = _key(loc)
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    if error["type"] == "missing":
+        return f"{key}: required"
+    if not key or key.upper() in SECRET_ENV.values():
+        return f"{key or 'settings'}: {message}"  # never echo a secret back
+    return f"{key}: {message} (got {error['input']!r})"
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env_file: str | os.PathLike[str] | None = ".env",
+) -> Settings:
+    """Build and validate the settings, or raise :class:`SettingsError`."""
+    file = find_settings_file(path)
+    source = str(file) if file else "defaults and environment"
+    file_data = read_settings_file(file) if file else {}
+    dotenv_path = Path(env_file) if env_file else None
+    problems = _check_keys(file_data, {**_dotenv(dotenv_path), **os.environ})
+    if problems:
+        raise SettingsError(source, problems)
+    try:
+        return Settings(_env_file=dotenv_path, **file_data)
+    except ValidationError as exc:
+        raise SettingsError(source, [_describe(e) for e in exc.errors()]) from exc
+    except ValueError as exc:  # raised by a source, e.g. an OLMD_* value that is not JSON
+        raise SettingsError(source, [str(exc)]) from exc
