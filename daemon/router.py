@@ -48,8 +48,9 @@ class Router:
         self._freed = asyncio.Event()
 
     def reconfigure(self, routing: RoutingSettings) -> None:
-        if routing.strategy != self.routing.strategy:
-            self.balancer = make_balancer(routing.strategy)
+        # A fresh balancer, as nginx starts fresh peers on reload: state built on the
+        # old weights would skew the first rounds on the new ones.
+        self.balancer = make_balancer(routing.strategy)
         self.routing = routing
         self._wake()  # a raised cap or new nodes may serve queued requests now
 
@@ -59,12 +60,7 @@ class Router:
         holders = [n for n in self.fleet if n.holds(key) and n.name not in exclude]
         selection = select_routable(holders, now, self.fleet.policy)
         self.fleet.panic = selection.panic
-        nodes = list(selection.nodes)
-        if self.routing.prefer_loaded:
-            loaded = [n for n in nodes if n.has_loaded(key)]
-            if loaded:
-                return loaded
-        return nodes
+        return list(selection.nodes)
 
     def _pick(self, key: str, exclude: Collection[str]) -> Node | None:
         nodes = self.candidates(key, exclude)
@@ -75,6 +71,13 @@ class Router:
             nodes = [n for n in nodes if n.in_flight < cap]
             if not nodes:
                 return None
+        if self.routing.prefer_loaded:
+            # Nodes with the model in memory first, while they have room: a cold load
+            # elsewhere is paid only when they are full, so a cold node is not starved
+            # under load, and light traffic does not wake models all over the fleet.
+            loaded = [n for n in nodes if n.has_loaded(key)]
+            if loaded:
+                nodes = loaded
         node = self.balancer.choose(nodes)
         node.in_flight += 1
         return node

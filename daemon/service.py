@@ -67,7 +67,13 @@ async def serve(
     runtime = app[RUNTIME]
     server = settings.server
     runner = web.AppRunner(
-        app, handle_signals=False, access_log=None, shutdown_timeout=server.drain_timeout
+        app,
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=server.drain_timeout,
+        # A client that leaves cancels its handler, and so the node's request, even
+        # while nothing is being written (a cold model load).
+        handler_cancellation=True,
     )
     await runner.setup()  # starts every component, in order
     stop = asyncio.Event()
@@ -101,8 +107,11 @@ async def serve(
                 await result
         await stop.wait()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
+        # Signals during the drain are noted, not fatal: systemd escalates with SIGKILL
+        # after TimeoutStopSec if the drain overruns.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: log.info("already_draining"))
+        loop.remove_signal_handler(signal.SIGHUP)
         notifier.stopping()
         runtime.set_phase(Phase.DRAINING)
         log.info("draining", in_flight=runtime.in_flight, timeout=server.drain_timeout)
@@ -114,6 +123,8 @@ async def serve(
         # Closes the listener, waits up to drain_timeout for handlers, cancels the rest,
         # then stops the components in reverse order.
         await runner.cleanup()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
         if runtime.cancelled_on_drain:
             log.warning("drain_cancelled", requests=runtime.cancelled_on_drain)
         log.info("stopped")

@@ -1,0 +1,72 @@
+"""Shared test tools: free ports, settings files, a daemon in-process or as a process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from aiohttp.test_utils import TestServer
+
+from daemon.app import create_app
+from daemon.emulator import Emulator
+from daemon.settings import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def node_entries(emulators: list[tuple[str, int, Emulator]]) -> list[dict[str, Any]]:
+    return [
+        {"name": name, "host": "127.0.0.1", "port": emu.port, "weight": weight}
+        for name, weight, emu in emulators
+    ]
+
+
+def settings_dict(
+    emulators: list[tuple[str, int, Emulator]], *, port: int = 0, **routing: Any
+) -> dict[str, Any]:
+    return {
+        "server": {"host": "127.0.0.1", "port": port or free_port(), "drain_timeout": 10.0},
+        "routing": {"probe_interval": 0.5, **routing},
+        "services": {"ollama": {"health_timeout": 2.0, "nodes": node_entries(emulators)}},
+    }
+
+
+def write_settings(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(tomli_w.dumps(data))
+    return path
+
+
+@contextlib.asynccontextmanager
+async def running_olmd(settings: Settings | dict[str, Any]) -> AsyncIterator[TestServer]:
+    """The daemon's application on a free loopback port, components started."""
+    if isinstance(settings, dict):
+        settings = Settings(**settings)
+    server = TestServer(create_app(settings), host="127.0.0.1", handler_cancellation=True)
+    await server.start_server()
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 5.0, step: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(step)
+
+
+def olmd_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "daemon", *args]
