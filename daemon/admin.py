@@ -1,14 +1,17 @@
-"""``/admin/*``: node state, drain and undrain (sync adds its own). Behind the admin token
-(see guard.py); answers never include secrets."""
+"""``/admin/*``: node state, drain and undrain, model sync. Behind the admin token (see
+guard.py); answers never include secrets."""
 
 from __future__ import annotations
 
+import json
 import time
 
 from aiohttp import web
+from pydantic import ValidationError
 
 from daemon.gateway import GATEWAY, Gateway
 from daemon.logs import get_logger
+from daemon.sync import SYNC, SyncOptions
 
 log = get_logger("olmd.admin")
 
@@ -44,7 +47,28 @@ async def undrain(request: web.Request) -> web.Response:
     return await _set_draining(request, False)
 
 
+async def start_sync(request: web.Request) -> web.Response:
+    """Start a sync with the CLI's options as JSON (``{"skip_existing": true, ...}``)."""
+    raw = await request.read()
+    try:
+        body = json.loads(raw) if raw.strip() else {}
+        options = SyncOptions.model_validate(body)
+        started = await request.app[SYNC].start(options, trigger="api")
+    except (ValueError, ValidationError) as exc:
+        return web.json_response({"error": str(exc)}, status=400)
+    if not started:
+        return web.json_response({"error": "a sync is already running"}, status=409)
+    log.info("sync_started_by_api", options=options.model_dump(mode="json"))
+    return web.json_response(request.app[SYNC].status(), status=202)
+
+
+async def sync_status(request: web.Request) -> web.Response:
+    return web.json_response(request.app[SYNC].status())
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/admin/nodes", list_nodes)
     app.router.add_post("/admin/nodes/{name}/drain", drain)
     app.router.add_post("/admin/nodes/{name}/undrain", undrain)
+    app.router.add_post("/admin/sync", start_sync)
+    app.router.add_get("/admin/sync", sync_status)

@@ -15,6 +15,7 @@ from daemon.gateway import gateway_component
 from daemon.metrics import CONTENT_TYPE, Metrics
 from daemon.runtime import RUNTIME, Phase, Runtime
 from daemon.settings import Settings
+from daemon.sync import sync_component
 
 # Routes that do not count as traffic for draining.
 _PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
@@ -54,7 +55,7 @@ async def metrics_handler(request: web.Request) -> web.Response:
 
 
 Component = Callable[[web.Application], AsyncIterator[None]]
-DEFAULT_COMPONENTS: tuple[Component, ...] = (gateway_component,)
+DEFAULT_COMPONENTS: tuple[Component, ...] = (gateway_component, sync_component)
 
 
 def create_app(

@@ -147,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _plugins() -> list[Callable[[Any], None]]:
     """Subcommands contributed by other modules (sync, verify-env, healthcheck, smoke)."""
-    return []
+    from daemon import ops_cli, sync_cli  # they import this module's helpers
+
+    return [sync_cli.register, ops_cli.register]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,9 @@ NODES = (
 def demo_settings(port: int, emulators: list[tuple[str, int, Emulator]]) -> Settings:
     return Settings(
         server={"host": "127.0.0.1", "port": port},
+        # The nightly job would write a manifest into the working tree; POST /admin/sync
+        # (with OLMD_ADMIN_TOKEN set) still runs one on demand.
+        jobs={"ollama_sync": {"enabled": False}},
         services={
             "ollama": {
                 "baseline_models": ["llama3.1:8b"],

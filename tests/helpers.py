@@ -39,6 +39,8 @@ def settings_dict(
         "server": {"host": "127.0.0.1", "port": port or free_port(), "drain_timeout": 10.0},
         "routing": {"probe_interval": 0.5, **routing},
         "services": {"ollama": {"health_timeout": 2.0, "nodes": node_entries(emulators)}},
+        # No nightly sync in proxy tests, whatever the time of day the suite runs at.
+        "jobs": {"ollama_sync": {"enabled": False}},
     }
 
 

@@ -73,18 +73,18 @@ async def test_concurrent_requests_keep_the_weights(three) -> None:
 async def test_official_clients_work_unchanged(three) -> None:
     async with running_olmd(settings_dict(three)) as server:
         base = str(server.make_url("")).rstrip("/")
-        client = ollama.AsyncClient(host=base)
-        chat = await client.chat(model=MODEL, messages=[{"role": "user", "content": "hi"}])
-        assert chat.message.content and chat.done
-        parts = [p async for p in await client.generate(model=MODEL, prompt="hi", stream=True)]
-        assert parts[-1].done and parts[-1].eval_count
-        embedded = await client.embed(model="nomic-embed-text", input=["a", "b"])
-        assert len(embedded.embeddings) == 2
-        listed = await client.list()
-        names = {m.model for m in listed.models}
-        assert names == {MODEL, "nomic-embed-text:latest", "qwen3-coder:30b"}
-        streamed = [c async for c in await client.chat(model=MODEL, messages=[], stream=True)]
-        assert streamed[-1].done
+        async with ollama.AsyncClient(host=base) as client:
+            chat = await client.chat(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+            assert chat.message.content and chat.done
+            parts = [p async for p in await client.generate(model=MODEL, prompt="hi", stream=True)]
+            assert parts[-1].done and parts[-1].eval_count
+            embedded = await client.embed(model="nomic-embed-text", input=["a", "b"])
+            assert len(embedded.embeddings) == 2
+            listed = await client.list()
+            names = {m.model for m in listed.models}
+            assert names == {MODEL, "nomic-embed-text:latest", "qwen3-coder:30b"}
+            streamed = [c async for c in await client.chat(model=MODEL, messages=[], stream=True)]
+            assert streamed[-1].done
 
         oai = openai.AsyncOpenAI(base_url=base + "/v1", api_key="unused")
         completion = await oai.chat.completions.create(
@@ -299,8 +299,6 @@ async def test_failover_before_the_first_byte(three) -> None:
             status, node, data = await post(http, server, "/v1/chat/completions", body)
             assert (status, node) == (400, "b") and "too short" in data["error"]["message"]
             assert b.state.stats.requests["/v1/chat/completions"] == requests_before + 1
-        metrics = await (await http.get(url(server, "/metrics"))).text() if False else None
-    assert metrics is None
 
 
 async def test_all_nodes_failing_gives_a_clear_error(three) -> None:
@@ -383,7 +381,7 @@ async def test_client_disconnect_during_a_cold_load_cancels_too(three) -> None:
 
 
 async def test_killed_node_fails_over_and_comes_back_within_a_probe_interval(three) -> None:
-    a, b = three[0][2], three[1][2]
+    a = three[0][2]
     a.state.update({"tokens": 50, "token_delay": 0.02})
     data = settings_dict(three, prefer_loaded=False, probe_interval=0.5)
     async with running_olmd(data) as server, aiohttp.ClientSession() as http:

@@ -86,7 +86,7 @@ async def test_ready_after_listening_reload_and_drain(
     try:
         await notify.wait_for("READY=1", timeout=20)
         # READY=1 promises the port accepts connections at that moment.
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.close()
         await writer.wait_closed()
 

@@ -49,7 +49,12 @@ def test_shipped_settings_are_valid(capsys: pytest.CaptureFixture[str]) -> None:
     assert settings.server.port == 11435
     assert settings.routing.strategy == "weighted"
     assert str(settings.services.ollama.download.allowed_window) == "02:00-06:00 UTC+8"
-    assert settings.models() == ["gpt-oss:20b", "qwen3-coder:30b", "llama3.1:8b", "mistral-nemo:12b"]
+    assert settings.models() == [
+        "gpt-oss:20b",
+        "qwen3-coder:30b",
+        "llama3.1:8b",
+        "mistral-nemo:12b",
+    ]
 
 
 def test_no_file_gives_defaults_and_one_node() -> None:
@@ -69,29 +74,60 @@ def test_guide_json_is_accepted(tmp_path: Path) -> None:
 BROKEN = [
     ("wrong type", "[server]\nport = 'eleven'\n", "server.port"),
     ("port range", "[server]\nport = 70000\n", "server.port"),
-    ("bad window hour", '[services.ollama.download]\nallowed_window = "25:00-06:00 UTC+8"\n',
-     "services.ollama.download.allowed_window"),
-    ("bad window zone", '[services.ollama.download]\nallowed_window = "02:00-06:00 Mars/Base"\n',
-     "services.ollama.download.allowed_window"),
-    ("bad cron", '[jobs.ollama_sync]\nschedule_cron = "0 27 * * *"\n', "jobs.ollama_sync.schedule_cron"),
-    ("cron fields", '[jobs.ollama_sync]\nschedule_cron = "every night"\n', "jobs.ollama_sync.schedule_cron"),
-    ("weight 0", '[[services.ollama.nodes]]\nname = "a"\nhost = "h"\nweight = 0\n',
-     "services.ollama.nodes[0].weight"),
-    ("duplicate names",
-     '[[services.ollama.nodes]]\nname = "a"\nhost = "h1"\n[[services.ollama.nodes]]\nname = "a"\nhost = "h2"\n',
-     "services.ollama.nodes"),
+    (
+        "bad window hour",
+        '[services.ollama.download]\nallowed_window = "25:00-06:00 UTC+8"\n',
+        "services.ollama.download.allowed_window",
+    ),
+    (
+        "bad window zone",
+        '[services.ollama.download]\nallowed_window = "02:00-06:00 Mars/Base"\n',
+        "services.ollama.download.allowed_window",
+    ),
+    (
+        "bad cron",
+        '[jobs.ollama_sync]\nschedule_cron = "0 27 * * *"\n',
+        "jobs.ollama_sync.schedule_cron",
+    ),
+    (
+        "cron fields",
+        '[jobs.ollama_sync]\nschedule_cron = "every night"\n',
+        "jobs.ollama_sync.schedule_cron",
+    ),
+    (
+        "weight 0",
+        '[[services.ollama.nodes]]\nname = "a"\nhost = "h"\nweight = 0\n',
+        "services.ollama.nodes[0].weight",
+    ),
+    (
+        "duplicate names",
+        (
+            '[[services.ollama.nodes]]\nname = "a"\nhost = "h1"\n'
+            '[[services.ollama.nodes]]\nname = "a"\nhost = "h2"\n'
+        ),
+        "services.ollama.nodes",
+    ),
     ("unknown key", "[server]\nprot = 1\n", "server.prot"),
     ("unknown section", "[serverz]\nport = 1\n", "serverz"),
     ("unknown strategy", '[routing]\nstrategy = "fastest"\n', "routing.strategy"),
-    ("negative timeout", "[services.ollama]\nhealth_timeout = -1\n", "services.ollama.health_timeout"),
-    ("hostile model name", '[services.ollama]\nbaseline_models = ["x; rm -rf /"]\n',
-     "services.ollama.baseline_models[0]"),
+    (
+        "negative timeout",
+        "[services.ollama]\nhealth_timeout = -1\n",
+        "services.ollama.health_timeout",
+    ),
+    (
+        "hostile model name",
+        '[services.ollama]\nbaseline_models = ["x; rm -rf /"]\n',
+        "services.ollama.baseline_models[0]",
+    ),
     ("secret in file", 'api_keys = "abc"\n', "api_keys"),
     ("not toml", "[server\nport = 1\n", "not valid TOML"),
 ]
 
 
-@pytest.mark.parametrize(("text", "key"), [(t, k) for _, t, k in BROKEN], ids=[b[0] for b in BROKEN])
+@pytest.mark.parametrize(
+    ("text", "key"), [(t, k) for _, t, k in BROKEN], ids=[b[0] for b in BROKEN]
+)
 def test_broken_file_exits_2_naming_the_key(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, key: str
 ) -> None:
@@ -106,11 +142,18 @@ def test_broken_file_exits_2_naming_the_key(
     ("mutate", "key"),
     [
         (lambda d: d["services"]["ollama"].update(port="11434x"), "services.ollama.port"),
-        (lambda d: d["services"]["ollama"]["download"].update(allowed_window="02:00 to 06:00"),
-         "services.ollama.download.allowed_window"),
-        (lambda d: d["services"]["ollama"]["download"]["retry"].update(max_attempts=0),
-         "services.ollama.download.retry.max_attempts"),
-        (lambda d: d["jobs"]["ollama_sync"].update(enabled="sometimes"), "jobs.ollama_sync.enabled"),
+        (
+            lambda d: d["services"]["ollama"]["download"].update(allowed_window="02:00 to 06:00"),
+            "services.ollama.download.allowed_window",
+        ),
+        (
+            lambda d: d["services"]["ollama"]["download"]["retry"].update(max_attempts=0),
+            "services.ollama.download.retry.max_attempts",
+        ),
+        (
+            lambda d: d["jobs"]["ollama_sync"].update(enabled="sometimes"),
+            "jobs.ollama_sync.enabled",
+        ),
     ],
     ids=["port", "window", "attempts", "enabled"],
 )
@@ -165,7 +208,7 @@ def test_unknown_environment_setting(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_bad_environment_value_names_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OLMD_ROUTING__STRATEGY", "random")
-    with pytest.raises(SettingsError, match="routing.strategy"):
+    with pytest.raises(SettingsError, match=r"routing\.strategy"):
         load_settings()
 
 

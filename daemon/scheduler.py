@@ -1,0 +1,182 @@
+"""The nightly sync on a schedule: APScheduler 3's ``AsyncIOScheduler`` in the daemon's loop.
+
+``jobs.ollama_sync.schedule_cron`` is read in the download window's zone (settings refuse
+a cron time outside the window). Catch-up: a daemon that starts inside a window whose
+scheduled time has passed, with no completed full sync started in that window, starts
+one at once; outside the window it waits for the next scheduled time. "Completed" comes
+from the state file next to the manifest, so it survives restarts and counts CLI runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Protocol
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.cron import CronTrigger
+
+from daemon.logs import get_logger
+from daemon.settings import Settings
+from daemon.sync_plan import SyncOptions
+from daemon.sync_state import SyncState
+from daemon.window import AllowedWindow
+
+__all__ = ["JOB_ID", "SyncScheduler", "SyncStarter", "cron_trigger", "missed_run"]
+
+log = get_logger("olmd.scheduler")
+
+JOB_ID = "ollama_sync"
+CATCH_UP_JOB_ID = "ollama_sync_catch_up"
+# A fire time the loop noticed late (a suspended VM, a blocked loop) still runs within
+# this many seconds; later ones are dropped, and the window check guards the rest.
+_MISFIRE_GRACE = 600
+
+
+class SyncStarter(Protocol):
+    """What the scheduler needs of the sync service (``daemon.sync.SyncService``)."""
+
+    async def start(self, options: SyncOptions | None = None, *, trigger: str = ...) -> bool:
+        """Start a run; False if one is already running."""
+        ...
+
+    def state(self) -> SyncState:
+        """The last run, from the state file."""
+        ...
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def cron_trigger(settings: Settings) -> CronTrigger:
+    """The nightly job's trigger: the cron expression read in the window's zone."""
+    window = settings.services.ollama.download.allowed_window
+    return CronTrigger.from_crontab(settings.jobs.ollama_sync.schedule_cron, timezone=window.tz)
+
+
+def missed_run(
+    window: AllowedWindow, trigger: CronTrigger, state: SyncState, now: datetime
+) -> datetime | None:
+    """The scheduled time a daemon starting at ``now`` missed and should make up at once.
+
+    None when ``now`` is outside the window, when the window's scheduled time is still
+    ahead (the job will run it), or when a full sync that started in this window already
+    ran to its end.
+    """
+    opening = window.opening_for(now)
+    if opening is None:
+        return None
+    due: datetime | None = trigger.get_next_fire_time(None, opening)
+    if due is None or due >= now:
+        return None
+    done = state.last_full_started_at
+    if done is not None and done >= opening:
+        return None
+    return due
+
+
+class SyncScheduler:
+    """Owns the APScheduler instance; start it inside the daemon's running loop.
+
+    ``now`` is the wall clock the window and catch-up decisions read (tests pass a
+    fake); APScheduler itself keeps real time for when jobs fire.
+    """
+
+    def __init__(
+        self, service: SyncStarter, settings: Settings, *, now: Callable[[], datetime] = _utcnow
+    ) -> None:
+        self._service = service
+        self._settings = settings
+        self._now = now
+        self._scheduler: AsyncIOScheduler | None = None
+
+    def start(self) -> None:
+        """Start the scheduler, add the nightly job, and catch up if a run was missed."""
+        window = self._settings.services.ollama.download.allowed_window
+        scheduler = AsyncIOScheduler(
+            event_loop=asyncio.get_running_loop(),
+            timezone=window.tz,
+            job_defaults={
+                "coalesce": True,
+                "max_instances": 1,
+                "misfire_grace_time": _MISFIRE_GRACE,
+            },
+        )
+        scheduler.start()
+        self._scheduler = scheduler
+        self._schedule(self._settings)
+        missed = self._missed()
+        if missed is not None:
+            log.info("sync.catch_up", missed=missed.astimezone(window.tz).isoformat())
+            # No trigger: APScheduler runs it at once, as a job it owns.
+            scheduler.add_job(
+                self.fire, id=CATCH_UP_JOB_ID, kwargs={"trigger": "catch-up"},
+                replace_existing=True,
+            )  # fmt: skip
+
+    def _missed(self) -> datetime | None:
+        job = self._settings.jobs.ollama_sync
+        if not job.enabled:
+            return None
+        window = self._settings.services.ollama.download.allowed_window
+        return missed_run(window, cron_trigger(self._settings), self._service.state(), self._now())
+
+    def _schedule(self, settings: Settings) -> None:
+        scheduler = self._scheduler
+        if scheduler is None:
+            return
+        if scheduler.get_job(JOB_ID) is not None:
+            scheduler.remove_job(JOB_ID)
+        job = settings.jobs.ollama_sync
+        if not job.enabled:
+            log.info("sync.schedule_disabled")
+            return
+        added = scheduler.add_job(
+            self.fire, cron_trigger(settings), id=JOB_ID, kwargs={"trigger": "schedule"}
+        )
+        log.info(
+            "sync.scheduled",
+            cron=job.schedule_cron,
+            window=str(settings.services.ollama.download.allowed_window),
+            next_run=added.next_run_time.isoformat() if added.next_run_time else None,
+        )
+
+    def reload(self, settings: Settings) -> None:
+        """Adopt new settings: the job is rescheduled from the new cron and window."""
+        self._settings = settings
+        self._schedule(settings)
+
+    def next_run_time(self) -> datetime | None:
+        """When the nightly job fires next (aware, in the window's zone); None if off."""
+        job = self._scheduler.get_job(JOB_ID) if self._scheduler is not None else None
+        return job.next_run_time if job is not None else None
+
+    def alive(self) -> bool:
+        """For the watchdog: the scheduler is running."""
+        return self._scheduler is not None and bool(self._scheduler.running)
+
+    async def fire(self, trigger: str = "schedule") -> bool:
+        """The job: start a full sync if ``now`` is inside the window. False if it did not
+        start (outside the window, or a sync is already running)."""
+        window = self._settings.services.ollama.download.allowed_window
+        now = self._now()
+        if not window.contains(now):
+            # Settings keep the cron inside the window; a DST change can still move it out.
+            log.warning("sync.schedule_skipped", trigger=trigger, reason=f"outside {window}")
+            return False
+        started = await self._service.start(SyncOptions(), trigger=trigger)
+        if not started:
+            log.warning("sync.schedule_refused", trigger=trigger, reason="a sync is running")
+        return started
+
+    async def shutdown(self) -> None:
+        """Stop the scheduler; a job in progress is cancelled (the sync itself belongs to
+        the service, which stops it)."""
+        scheduler, self._scheduler = self._scheduler, None
+        if scheduler is None or not scheduler.running:
+            return
+        scheduler.shutdown(wait=False)
+        # AsyncIOScheduler.shutdown only queues the work on the loop; let it run.
+        await asyncio.sleep(0)

@@ -1,0 +1,213 @@
+"""``olmd sync``: run the model sync once, by hand.
+
+Exit codes as everywhere in olmd: 0 every action succeeded, 1 something failed or was
+deferred (or another sync holds the lock), 2 usage or settings error. On a terminal it
+shows a progress line while pulling and a summary table at the end; in a pipe it prints
+the result as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import shutil
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any, TextIO
+
+from pydantic import ValidationError
+
+from daemon.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, run_async, settings_from
+from daemon.settings import Settings
+from daemon.sync import SyncBusy, SyncOptions, SyncResult, run_sync
+from daemon.sync_plan import SyncProgress, select_targets
+
+__all__ = ["progress_line", "register", "summary_table"]
+
+_REDRAW_SECONDS = 0.25
+_NOTE_WIDTH = 80
+
+
+def register(subparsers: Any) -> None:
+    """Add ``olmd sync`` to ``olmd``'s subparsers."""
+    parser = subparsers.add_parser(
+        "sync",
+        help="pull the configured models onto the nodes and write the manifest",
+        description="For every node (or --host) and every model (baseline + fallback, or "
+        "--models): pull it through the node's transport, inside the allowed download window, "
+        "with retries and at most max_parallel_jobs pulls at once; then write the manifest "
+        "(jobs.ollama_sync.manifest_path) atomically. The daemon runs the same sync nightly.",
+        epilog="Exit status: 0 every action succeeded, 1 a pull failed or was deferred (or "
+        "another sync is running), 2 usage or settings error.",
+    )
+    add = parser.add_argument
+    add(
+        "--skip-existing",
+        action="store_true",
+        help="do not pull a model a node already lists; record its digest",
+    )
+    add(
+        "--no-download",
+        action="store_true",
+        help="pull nothing: record what each node has and write the manifest",
+    )
+    add(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (node, model, action) and change nothing, manifest included",
+    )
+    add("--models", nargs="+", metavar="M", help="these models instead of baseline + fallback")
+    add("--host", metavar="H", help="only this node (its name or host)")
+    add(
+        "--ignore-window",
+        action="store_true",
+        help="pull even outside the allowed download window (for a person at the console)",
+    )
+    # SUPPRESS: without --config here, the top-level `olmd --config PATH` still counts.
+    add("--config", metavar="PATH", default=argparse.SUPPRESS, help="settings file")
+    parser.set_defaults(func=_cmd_sync)
+
+
+def _cmd_sync(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    try:
+        options = SyncOptions(
+            skip_existing=args.skip_existing,
+            no_download=args.no_download,
+            dry_run=args.dry_run,
+            models=tuple(args.models or ()),
+            host=args.host,
+            ignore_window=args.ignore_window,
+        )
+        select_targets(settings, options.host)
+    except ValidationError as exc:
+        print(f"olmd sync: {exc.errors()[0]['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as exc:
+        print(f"olmd sync: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    show_progress = sys.stderr.isatty() and not options.dry_run
+    try:
+        result = run_async(_run(settings, options, sys.stderr if show_progress else None))
+    except SyncBusy as exc:
+        print(f"olmd sync: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    if sys.stdout.isatty():
+        print(summary_table(result))
+    else:
+        print(json.dumps(result.to_dict(), indent=2))
+    return EXIT_OK if result.ok else EXIT_FAILURE
+
+
+async def _run(settings: Settings, options: SyncOptions, screen: TextIO | None) -> SyncResult:
+    progress = SyncProgress()
+    painter = None
+    if screen is not None:
+        painter = asyncio.create_task(_paint(progress, screen))
+    try:
+        return await run_sync(settings, options, progress=progress)
+    finally:
+        if painter is not None:
+            painter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await painter
+            screen_clear(screen)
+
+
+async def _paint(progress: SyncProgress, screen: TextIO) -> None:
+    while True:
+        width = shutil.get_terminal_size().columns - 1
+        line = progress_line(progress.snapshot())
+        screen.write("\r\x1b[K" + line[:width])
+        screen.flush()
+        await asyncio.sleep(_REDRAW_SECONDS)
+
+
+def screen_clear(screen: TextIO | None) -> None:
+    if screen is not None:
+        screen.write("\r\x1b[K")
+        screen.flush()
+
+
+def progress_line(snapshot: dict[str, Any]) -> str:
+    """One line for the terminal: pulls done out of planned, then each active pull."""
+    items = [
+        (node, model, item)
+        for node, models in snapshot.get("nodes", {}).items()
+        for model, item in models.items()
+        if item.get("action") == "pull"
+    ]
+    done = sum(1 for _, _, item in items if item.get("state") == "done")
+    parts = [f"sync {snapshot.get('phase', '')}: {done}/{len(items)} pulls done"]
+    for node, model, item in items:
+        state = item.get("state")
+        if state == "pulling":
+            completed, total = item.get("completed", 0), item.get("total", 0)
+            amount = f"{completed * 100 // total}% {_human(completed)}/{_human(total)}"
+            parts.append(f"{node} {model} {amount if total else item.get('status', '')}")
+        elif state == "waiting":
+            parts.append(f"{node} {model} waiting to retry")
+    return " · ".join(parts)
+
+
+def summary_table(result: SyncResult) -> str:
+    """The run as a table for people, with a closing line on what was written."""
+    if result.options.dry_run:
+        plan = [(p.node, p.model, p.action, p.reason) for p in result.plan]
+        lines = _table(("NODE", "MODEL", "ACTION", "REASON"), plan)
+        return "\n".join([*lines, "", "dry run: nothing was pulled or written"])
+    digests = {
+        (node.name, entry.name): entry.digest
+        for node in (result.manifest.nodes if result.manifest else [])
+        for entry in node.models
+    }
+    rows = [
+        (
+            o.node,
+            o.model,
+            o.action,
+            o.status or "failed",
+            str(o.attempts),
+            f"{o.seconds:.1f}",
+            (digests.get((o.node, o.model)) or "-")[:19],
+            _clip(o.error or ""),
+        )
+        for o in result.outcomes
+    ]
+    header = ("NODE", "MODEL", "ACTION", "STATUS", "TRIES", "SECONDS", "DIGEST", "NOTE")
+    lines = _table(header, rows)
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(result.counts().items()))
+    lines += ["", f"{'ok' if result.ok else 'NOT ok'}: {counts or 'nothing to do'}"]
+    if result.stopped:
+        lines.append(f"stopped early: {result.stopped}")
+    if result.manifest is not None:
+        drift = len(result.manifest.drift)
+        lines.append(f"manifest: {result.manifest_path} ({drift} model(s) with digest drift)")
+    return "\n".join(lines)
+
+
+def _table(header: Sequence[str], body: Iterable[Sequence[str]]) -> list[str]:
+    rows = [header, *body]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+
+
+def _clip(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _NOTE_WIDTH else text[: _NOTE_WIDTH - 1] + "…"
+
+
+def _human(count: int) -> str:
+    # Decimal units, as Ollama prints sizes.
+    if count < 1000:
+        return f"{count} B"
+    size = float(count)
+    for unit in ("KB", "MB", "GB"):
+        size /= 1000
+        if size < 1000:
+            return f"{size:.1f} {unit}"
+    return f"{size / 1000:.1f} TB"

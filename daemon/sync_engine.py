@@ -1,0 +1,411 @@
+"""The sync engine: inventory, plan, pull with a parallelism cap, retries and a stall
+watchdog, stop at the window's close, write the manifest and the state file.
+
+Use it through :mod:`daemon.sync` (``run_sync``, ``SyncService``), which holds the lock.
+The pure half (options, plan, outcomes, manifest assembly) is :mod:`daemon.sync_plan`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import Literal
+
+import aiohttp
+
+from daemon import registry
+from daemon.logs import get_logger
+from daemon.manifest import ManifestError, merge_previous, read_manifest, write_manifest
+from daemon.ports import PullError, PullTransport
+from daemon.settings import Settings
+from daemon.sync_metrics import SyncMetrics
+from daemon.sync_plan import (
+    Inventory,
+    Outcome,
+    SyncOptions,
+    SyncProgress,
+    SyncResult,
+    Target,
+    build_manifest,
+    build_plan,
+    check_pulled,
+    parse_tags,
+    select_models,
+    select_targets,
+)
+from daemon.sync_state import read_state, state_path, write_state
+
+__all__ = ["Backoff", "Clock", "Now", "SyncEngine", "TransportFactory", "utcnow"]
+
+log = get_logger("olmd.sync")
+
+Now = Callable[[], datetime]
+Clock = Callable[[], float]
+Backoff = Callable[[int], float]
+"""Seconds to wait after failed attempt number ``n`` (1-based) before the next one."""
+TransportFactory = Callable[[str], PullTransport]
+"""A transport for a name from settings ("http", "ssh"); default: the plugin registry."""
+
+_BACKOFF_CAP = 900.0  # growing waits stop growing at 15 minutes
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _registry_transport(name: str) -> PullTransport:
+    transport: PullTransport = registry.load("transports", name)()
+    return transport
+
+
+class SyncEngine:
+    """One run. Make one per run; :meth:`run` once. The caller holds the lock.
+
+    ``now`` is the wall clock (window decisions, the manifest's times), ``clock`` the
+    monotonic one (durations); tests pass fakes. The window's close is turned into a
+    deadline on the event loop's clock when pulls start.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        options: SyncOptions,
+        *,
+        now: Now = utcnow,
+        clock: Clock = time.monotonic,
+        progress: SyncProgress | None = None,
+        metrics: SyncMetrics | None = None,
+        transports: TransportFactory | None = None,
+        backoff: Backoff | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.options = options
+        self.progress = progress or SyncProgress()
+        self._now = now
+        self._clock = clock
+        self._metrics = metrics
+        self._make_transport = transports or _registry_transport
+        self._rng = rng or random.Random()
+        self._backoff = backoff or self._default_backoff
+        self._download = settings.services.ollama.download
+        self._stop = asyncio.Event()
+        self._stop_reason: str | None = None
+        self._closing = False  # once set, no pull starts
+        self._node_fatal: dict[str, str] = {}
+
+    def stop(self, reason: str) -> None:
+        """End the run early, as the window's close does: no new pull starts, running ones
+        are cancelled and recorded as deferred, and the manifest is still written."""
+        self._stop_reason = self._stop_reason or reason
+        self._stop.set()
+
+    async def run(self) -> SyncResult:
+        started, t0 = self._now(), self._clock()
+        options, window = self.options, self._download.allowed_window
+        targets = select_targets(self.settings, options.host)
+        models = select_models(self.settings, options)
+        manifest_path = self.settings.jobs.ollama_sync.manifest_path
+        log.info("sync.started", options=options.model_dump(mode="json"), nodes=len(targets))
+        timeout = aiohttp.ClientTimeout(total=self.settings.services.ollama.health_timeout)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            self.progress.phase = "inventory"
+            inventories = await _inventory_all(session, targets)
+            plan = build_plan(targets, models, inventories, options)
+            outcomes = [Outcome.start(p) for p in plan]
+            self.progress.set_plan(plan)
+            if options.dry_run:
+                self.progress.phase = "done"
+                return SyncResult(options, started, self._now(), str(window), plan, outcomes)
+            self._save_state(started, "running")
+            try:
+                pulls = [o for o in outcomes if o.action == "pull"]
+                if pulls:
+                    self.progress.phase = "pulling"
+                    await self._execute(pulls, {t.name: t for t in targets})
+                self.progress.phase = "verifying"
+                reachable = [t for t in targets if inventories[t.name].reachable]
+                after = await _inventory_all(session, reachable)
+                final = {**inventories, **{k: v for k, v in after.items() if v.reachable}}
+                check_pulled(outcomes, final)
+                result = self._write(
+                    SyncResult(options, started, started, str(window), plan, outcomes),
+                    targets,
+                    final,
+                )
+            except Exception as exc:
+                self._save_state(started, "error", error=str(exc))
+                raise
+        result.finished_at = self._now()
+        self._save_state(started, "ok" if result.ok else "failed", result=result)
+        if self._metrics is not None:
+            present = {name: len(inv.models) for name, inv in final.items() if inv.reachable}
+            self._metrics.record_result(result, present, self._clock() - t0)
+        self.progress.phase = "done"
+        log.info(
+            "sync.finished",
+            ok=result.ok,
+            counts=result.counts(),
+            stopped=result.stopped,
+            manifest=str(manifest_path),
+            seconds=round(self._clock() - t0, 3),
+        )
+        return result
+
+    # -- pulls ---------------------------------------------------------------------------
+
+    async def _execute(self, pulls: list[Outcome], targets: dict[str, Target]) -> None:
+        window = self._download.allowed_window
+        budget: float | None = None
+        closes_at = ""
+        if not self.options.ignore_window:
+            at = self._now()
+            close = window.current_close(at)
+            if close is None:
+                opens = window.next_open(at).astimezone(window.tz)
+                self._stop_reason = (
+                    f"outside the allowed download window {window} (next opens "
+                    f"{opens:%Y-%m-%d %H:%M}); pulls deferred, --ignore-window pulls now"
+                )
+                self._defer(pulls)
+                return
+            budget = (close - at).total_seconds()
+            closes_at = f"{close.astimezone(window.tz):%H:%M} {window.zone}"
+        slots = asyncio.Semaphore(self._download.max_parallel_jobs)
+        transports: dict[str, PullTransport] = {}
+        for name in {targets[o.node].transport for o in pulls}:
+            transports[name] = self._make_transport(name)
+        tasks = {
+            asyncio.create_task(
+                self._pull(o, targets[o.node], transports[targets[o.node].transport], slots),
+                name=f"olmd-sync {o.node} {o.model}",
+            ): o
+            for o in pulls
+        }
+        stop_waiter = asyncio.create_task(self._stop.wait())
+        loop = asyncio.get_running_loop()
+        deadline = None if budget is None else loop.time() + budget
+        pending: set[asyncio.Task[None]] = set(tasks)
+        try:
+            while pending and not self._stop.is_set():
+                left = None if deadline is None else deadline - loop.time()
+                if left is not None and left <= 0:
+                    self._stop_reason = self._stop_reason or f"the window closed at {closes_at}"
+                    break
+                done, _ = await asyncio.wait(
+                    {*pending, stop_waiter}, timeout=left, return_when=asyncio.FIRST_COMPLETED
+                )
+                pending -= done
+        finally:
+            # Also on our own cancellation: every pull task is cancelled and awaited here.
+            self._closing = True
+            stop_waiter.cancel()
+            for task in pending:
+                task.cancel()
+            await asyncio.wait({*pending, stop_waiter})
+            for transport in transports.values():
+                try:
+                    await transport.aclose()
+                except Exception as exc:  # one transport's cleanup must not hide results
+                    log.warning("sync.transport_close_failed", error=str(exc))
+        if pending:
+            log.warning("sync.pulls_cut", reason=self._stop_reason, cancelled=len(pending))
+        self._defer([o for o in pulls if o.status is None])
+
+    def _defer(self, outcomes: Iterable[Outcome]) -> None:
+        for o in outcomes:
+            o.status = "deferred"
+            when = f"during attempt {o.attempts}" if o.attempts else "before the pull started"
+            o.error = f"deferred {when}: {self._stop_reason}"
+            self.progress.update(o.node, o.model, state="done", result="deferred", error=o.error)
+
+    async def _pull(
+        self, o: Outcome, target: Target, transport: PullTransport, slots: asyncio.Semaphore
+    ) -> None:
+        """Every attempt at one pull. Leaves ``o.status`` None when cut short (deferred)."""
+        started = self._clock()
+        attempts = self.settings.services.ollama.download.retry.max_attempts
+        try:
+            for attempt in range(1, attempts + 1):
+                async with slots:
+                    if self._closing:
+                        return
+                    fatal = self._node_fatal.get(target.name)
+                    if fatal is not None:
+                        self._finish(o, "failed", fatal)
+                        return
+                    o.attempts = attempt
+                    error = await self._attempt(o, target, transport)
+                if error is None:
+                    self._finish(o, "pulled", None)
+                    return
+                if error.node_fatal:
+                    self._node_fatal[target.name] = str(error)
+                if not error.retryable or attempt == attempts:
+                    self._finish(o, "failed", str(error))
+                    return
+                wait = self._backoff(attempt)
+                log.warning(
+                    "sync.pull_retry",
+                    node=o.node,
+                    model=o.model,
+                    attempt=attempt,
+                    max_attempts=attempts,
+                    wait_seconds=round(wait, 3),
+                    error=str(error),
+                )
+                if self._metrics is not None:
+                    self._metrics.record_pull(o.node, "retried")
+                o.error = str(error)
+                self.progress.update(o.node, o.model, state="waiting", error=o.error)
+                await asyncio.sleep(wait)
+        finally:
+            o.seconds = self._clock() - started
+
+    async def _attempt(
+        self, o: Outcome, target: Target, transport: PullTransport
+    ) -> PullError | None:
+        """One attempt, watched for stalls; the failure as a PullError, None on success."""
+        loop = asyncio.get_running_loop()
+        stall = self._download.stall_timeout
+        last_activity = loop.time()
+        seen: tuple[str, int] | None = None
+        counted = 0
+
+        def on_progress(status: str, completed: int, total: int) -> None:
+            nonlocal last_activity, seen, counted
+            if (status, completed) != seen:
+                seen, last_activity = (status, completed), loop.time()
+            if self._metrics is not None and completed > counted:
+                self._metrics.record_bytes(o.node, completed - counted)
+            counted = max(counted, completed)
+            self.progress.update(
+                o.node, o.model, state="pulling", attempt=o.attempts, status=status,
+                completed=completed, total=total,
+            )  # fmt: skip
+
+        self.progress.update(o.node, o.model, state="pulling", attempt=o.attempts)
+        task = asyncio.create_task(transport.pull(target, o.model, on_progress))
+        try:
+            while not task.done():
+                quiet = loop.time() - last_activity
+                if quiet >= stall:
+                    await _settle(task)
+                    return PullError(
+                        f"{target.name}: no progress for {stall:g} s; pull cancelled",
+                    )
+                await asyncio.wait({task}, timeout=stall - quiet)
+            task.result()
+        except PullError as exc:
+            return exc
+        except ValueError as exc:  # an invalid model name: retrying cannot help
+            return PullError(str(exc), retryable=False)
+        except Exception as exc:
+            log.exception("sync.transport_error", node=o.node, model=o.model)
+            return PullError(f"{target.name}: {type(exc).__name__}: {exc}")
+        finally:
+            if not task.done():  # we were cancelled: take the pull down with us
+                await _settle(task)
+        return None
+
+    def _finish(self, o: Outcome, status: Literal["pulled", "failed"], error: str | None) -> None:
+        o.status, o.error = status, error
+        log_event = log.info if o.status == "pulled" else log.error
+        log_event(f"sync.pull_{o.status}", node=o.node, model=o.model, attempts=o.attempts,
+                  error=error)  # fmt: skip
+        self.progress.update(o.node, o.model, state="done", result=o.status, error=error)
+
+    def _default_backoff(self, attempt: int) -> float:
+        base = self._download.retry.backoff_seconds
+        # Doubling per attempt; jitter keeps nodes that failed together from retrying in step.
+        grown = min(_BACKOFF_CAP, base * 2.0 ** (attempt - 1))
+        return grown * self._rng.uniform(0.8, 1.2)
+
+    # -- results -------------------------------------------------------------------------
+
+    def _write(
+        self, result: SyncResult, targets: list[Target], final: dict[str, Inventory]
+    ) -> SyncResult:
+        path = self.settings.jobs.ollama_sync.manifest_path
+        manifest = build_manifest(
+            generated_at=self._now(),
+            window=result.window,
+            options=self.options,
+            targets=targets,
+            inventories=final,
+            outcomes=result.outcomes,
+        )
+        try:
+            previous = read_manifest(path)
+        except ManifestError as exc:
+            # Written anyway: the unreadable file is kept as .prev by write_manifest.
+            log.error("sync.previous_manifest_unreadable", error=str(exc).splitlines()[0])
+            previous = None
+        ours = {t.name for t in targets}
+        untouched = [n.name for n in self.settings.nodes() if n.name not in ours]
+        merged = merge_previous(manifest, previous, keep=untouched)
+        write_manifest(path, merged)
+        result.manifest, result.manifest_path = merged, path
+        result.stopped = self._stop_reason
+        return result
+
+    def _save_state(
+        self,
+        started: datetime,
+        outcome: str,
+        *,
+        error: str | None = None,
+        result: SyncResult | None = None,
+    ) -> None:
+        path = state_path(self.settings.jobs.ollama_sync.manifest_path)
+        current = read_state(path)
+        update: dict[str, object] = {"last_started_at": started, "last_outcome": outcome}
+        if outcome != "running":
+            update.update(last_finished_at=self._now(), last_error=error)
+        if result is not None:
+            if result.ok:
+                update["last_success_at"] = update["last_finished_at"]
+            if self.options.full:
+                update["last_full_started_at"] = started
+            failed = [o for o in result.outcomes if not o.ok]
+            update["last_error"] = failed[0].error if failed else None
+        write_state(path, current.model_copy(update=update))
+
+
+async def _settle(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` and wait for it; whatever it raised on the way out is dropped."""
+    task.cancel()
+    await asyncio.wait({task})
+    if not task.cancelled():
+        task.exception()  # retrieved, so asyncio does not report it as never retrieved
+
+
+async def _inventory_all(
+    session: aiohttp.ClientSession, targets: Iterable[Target]
+) -> dict[str, Inventory]:
+    targets = list(targets)
+    found = await asyncio.gather(*(_inventory(session, t) for t in targets))
+    return {t.name: inv for t, inv in zip(targets, found, strict=True)}
+
+
+async def _inventory(session: aiohttp.ClientSession, target: Target) -> Inventory:
+    """What the node holds, from its HTTP API (SSH nodes too: digests come from there)."""
+    try:
+        async with session.get(f"{target.url}/api/tags") as response:
+            response.raise_for_status()
+            models = parse_tags(await response.json(content_type=None))
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        reason = str(exc) or type(exc).__name__
+        log.warning("sync.node_unreachable", node=target.name, error=reason)
+        return Inventory(reachable=False, error=f"cannot list models at {target.url}: {reason}")
+    version = None
+    with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
+        async with session.get(f"{target.url}/api/version") as response:
+            if response.status == 200:
+                data = await response.json(content_type=None)
+                version = str(data.get("version")) if isinstance(data, dict) else None
+    return Inventory(reachable=True, version=version, models=models)

@@ -1,0 +1,387 @@
+"""The sync engine's pure half: options, targets, the plan, outcomes and the manifest built
+from them. No I/O and no clock; :mod:`daemon.sync` runs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from daemon.domain import ModelRef
+from daemon.manifest import Manifest, ModelEntry, ModelStatus, NodeEntry, normalise_digest
+from daemon.settings import NodeSettings, Settings
+
+__all__ = [
+    "Action",
+    "Inventory",
+    "Outcome",
+    "PlannedAction",
+    "SyncOptions",
+    "SyncProgress",
+    "SyncResult",
+    "Target",
+    "build_manifest",
+    "build_plan",
+    "check_pulled",
+    "parse_tags",
+    "select_models",
+    "select_targets",
+]
+
+Action = Literal["pull", "skip", "check", "unreachable"]
+# Statuses that count as success; "missing" only where nothing was to be pulled (checks).
+_GOOD: frozenset[str] = frozenset({"present", "pulled", "skipped"})
+_DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
+
+
+class SyncOptions(BaseModel):
+    """What one run is asked to do; the same for the CLI, the scheduler and the admin API.
+
+    ``models`` and ``host`` narrow the run (empty: every configured model and node).
+    Model names are checked against Ollama's grammar and normalised (``llama3`` becomes
+    ``llama3:latest``). Build from a JSON body with ``SyncOptions.model_validate(body)``,
+    which raises ``pydantic.ValidationError`` (a ``ValueError``) naming the bad key.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    skip_existing: bool = False
+    no_download: bool = False
+    dry_run: bool = False
+    models: tuple[str, ...] = ()
+    host: str | None = None
+    ignore_window: bool = False
+
+    @field_validator("models")
+    @classmethod
+    def _valid_names(cls, models: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(ModelRef.parse(name).name for name in models))
+
+    @property
+    def full(self) -> bool:
+        """A whole sync: every node and model, downloads allowed. Only these count as the
+        window's sync for the scheduler's catch-up rule."""
+        return not self.models and self.host is None and not self.no_download
+
+
+@dataclass(frozen=True)
+class Target:
+    """A node as the transports see it; satisfies ``daemon.ports.PullTarget``."""
+
+    name: str
+    url: str
+    transport: str
+    ssh_host: str
+    ssh_port: int
+    ssh_user: str | None
+    ssh_key_path: str | None = field(repr=False)  # a secret's location: kept out of reprs
+    known_hosts: str
+    connect_timeout: float
+
+    @classmethod
+    def from_settings(cls, node: NodeSettings, settings: Settings) -> Target:
+        key = settings.ssh_key_path
+        return cls(
+            name=node.name,
+            url=node.url,
+            transport=node.transport,
+            ssh_host=node.ssh_host or node.host,
+            ssh_port=node.ssh_port,
+            ssh_user=node.ssh_user or settings.ssh_user,
+            ssh_key_path=key.get_secret_value() if key is not None else None,
+            known_hosts=str(settings.ssh.known_hosts or _DEFAULT_KNOWN_HOSTS),
+            connect_timeout=settings.ssh.connect_timeout,
+        )
+
+
+def select_targets(settings: Settings, host: str | None) -> list[Target]:
+    """Every configured node, or the one ``host`` names (by name, host or ssh_host).
+
+    Raises ``ValueError`` listing the nodes when ``host`` matches none.
+    """
+    nodes = settings.nodes()
+    if host is not None:
+        nodes = [n for n in nodes if host in (n.name, n.host, n.ssh_host)]
+        if not nodes:
+            known = ", ".join(n.name for n in settings.nodes())
+            raise ValueError(f"host {host!r} matches no configured node; nodes: {known}")
+    return [Target.from_settings(node, settings) for node in nodes]
+
+
+def select_models(settings: Settings, options: SyncOptions) -> list[str]:
+    """``options.models``, else baseline then fallback models; normalised, each once."""
+    names = options.models or tuple(settings.models())
+    return list(dict.fromkeys(ModelRef.parse(name).name for name in names))
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """What a node said it holds; ``models`` is keyed by normalised name."""
+
+    reachable: bool
+    version: str | None = None
+    models: Mapping[str, ModelEntry] = field(default_factory=dict)
+    error: str | None = None
+
+
+def parse_tags(payload: object) -> dict[str, ModelEntry]:
+    """``/api/tags`` as manifest entries (status ``present``). Raises ``ValueError`` if the
+    payload is not a model list. A digest that is not sha256 is dropped and said so in
+    the entry's ``last_error``: a truncated digest cannot be compared across nodes."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("models"), list):
+        raise ValueError("/api/tags did not return a model list")
+    out: dict[str, ModelEntry] = {}
+    for item in payload["models"]:
+        if not isinstance(item, dict):
+            continue
+        try:
+            name = ModelRef.parse(str(item.get("name") or item.get("model") or "")).name
+        except ValueError:
+            continue  # a name we could never pull or route to; not ours to record
+        digest, error = None, None
+        try:
+            digest = normalise_digest(str(item.get("digest", "")), model=name)
+        except ValueError as exc:
+            error = str(exc)
+        size = item.get("size")
+        out[name] = ModelEntry(
+            name=name,
+            digest=digest,
+            size=size if isinstance(size, int) and size >= 0 else None,
+            modified_at=_timestamp(item.get("modified_at")),
+            status="present",
+            last_error=error,
+        )
+    return out
+
+
+def _timestamp(value: object) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    # Ollama writes nanoseconds; Python reads at most microseconds.
+    head, dot, rest = value.partition(".")
+    if dot:
+        digits = len(rest) - len(rest.lstrip("0123456789"))
+        value = f"{head}.{rest[: min(digits, 6)]}{rest[digits:]}"
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else None
+
+
+@dataclass(frozen=True)
+class PlannedAction:
+    """One decision: what the run does about ``model`` on ``node``, and why."""
+
+    node: str
+    model: str
+    action: Action
+    reason: str
+    present: bool = False
+    """Whether the node listed the model when the plan was made."""
+
+
+def build_plan(
+    targets: Iterable[Target],
+    models: Iterable[str],
+    inventories: Mapping[str, Inventory],
+    options: SyncOptions,
+) -> list[PlannedAction]:
+    """Decide per node and model. Model-major order, so pulls alternate between nodes."""
+    nodes = list(targets)
+    plan = []
+    for model in models:
+        for node in nodes:
+            inventory = inventories[node.name]
+            held = inventory.models.get(model)
+            action: Action
+            if not inventory.reachable:
+                action, reason = "unreachable", inventory.error or "node unreachable"
+            elif options.no_download:
+                action, reason = "check", "present" if held else "missing (--no-download)"
+            elif held is not None and options.skip_existing:
+                action, reason = "skip", f"present ({_short(held.digest)})"
+            else:
+                action = "pull"
+                reason = f"refresh ({_short(held.digest)})" if held else "missing"
+            plan.append(PlannedAction(node.name, model, action, reason, held is not None))
+    return plan
+
+
+def check_pulled(outcomes: Iterable[Outcome], final: Mapping[str, Inventory]) -> None:
+    """Turn a "pulled" the node does not list afterwards into "failed".
+
+    The node's own list is the truth, not a pull's last line; the manifest must show a
+    success that left nothing behind.
+    """
+    for o in outcomes:
+        if o.status == "pulled" and o.model not in final[o.node].models:
+            o.status = "failed"
+            o.error = "the pull reported success but the node does not list the model"
+
+
+def _short(digest: str | None) -> str:
+    return digest[:19] if digest else "no digest"
+
+
+@dataclass
+class Outcome:
+    """What became of one planned action. The engine fills it in as the run goes."""
+
+    node: str
+    model: str
+    action: Action
+    status: ModelStatus | None = None
+    attempts: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+
+    @classmethod
+    def start(cls, planned: PlannedAction) -> Outcome:
+        outcome = cls(planned.node, planned.model, planned.action)
+        if planned.action == "skip":
+            outcome.status = "skipped"
+        elif planned.action == "check":
+            outcome.status = "present" if planned.present else "missing"
+        elif planned.action == "unreachable":
+            outcome.status, outcome.error = "failed", planned.reason
+        return outcome
+
+    @property
+    def ok(self) -> bool:
+        """Succeeded, or (on a dry run) planned and not yet done."""
+        if self.status is None or self.status in _GOOD:
+            return True
+        return self.action == "check" and self.status == "missing"
+
+
+def build_manifest(
+    *,
+    generated_at: datetime,
+    window: str,
+    options: SyncOptions,
+    targets: Iterable[Target],
+    inventories: Mapping[str, Inventory],
+    outcomes: Iterable[Outcome],
+) -> Manifest:
+    """This run's manifest, before :func:`daemon.manifest.merge_previous` folds in the last.
+
+    A reachable node lists the planned models first (with what the run did), then every
+    other model it holds as ``present``. An unreachable node lists the planned models as
+    failed; merging puts its last known entries back, marked stale.
+    """
+    by_node: dict[str, list[Outcome]] = {}
+    for outcome in outcomes:
+        by_node.setdefault(outcome.node, []).append(outcome)
+    nodes = []
+    for target in targets:
+        inventory = inventories[target.name]
+        planned = by_node.get(target.name, [])
+        entries = [_entry(o, inventory.models.get(o.model)) for o in planned]
+        if inventory.reachable:
+            names = {o.model for o in planned}
+            entries += [e for name, e in inventory.models.items() if name not in names]
+        nodes.append(
+            NodeEntry(
+                name=target.name,
+                address=target.url,
+                ollama_version=inventory.version,
+                reachable=inventory.reachable,
+                models=entries,
+            )
+        )
+    return Manifest(
+        generated_at=generated_at,
+        window=window,
+        options=options.model_dump(mode="json"),
+        nodes=nodes,
+    )
+
+
+def _entry(outcome: Outcome, held: ModelEntry | None) -> ModelEntry:
+    return ModelEntry(
+        name=outcome.model,
+        digest=held.digest if held else None,
+        size=held.size if held else None,
+        modified_at=held.modified_at if held else None,
+        status=outcome.status or "failed",
+        attempts=outcome.attempts,
+        seconds=round(outcome.seconds, 3),
+        last_error=outcome.error or (held.last_error if held else None),
+    )
+
+
+@dataclass
+class SyncResult:
+    """A finished run. ``manifest`` is what was written (None on a dry run)."""
+
+    options: SyncOptions
+    started_at: datetime
+    finished_at: datetime
+    window: str
+    plan: list[PlannedAction]
+    outcomes: list[Outcome]
+    manifest: Manifest | None = None
+    manifest_path: Path | None = None
+    stopped: str | None = None
+    """Why pulls were cut short (window closed, olmd stopping); None if they were not."""
+
+    @property
+    def ok(self) -> bool:
+        """True when every action succeeded: the CLI's exit status 0."""
+        return all(o.ok for o in self.outcomes)
+
+    def counts(self) -> dict[str, int]:
+        """How many outcomes ended in each status."""
+        out: dict[str, int] = {}
+        for o in self.outcomes:
+            out[o.status or "failed"] = out.get(o.status or "failed", 0) + 1
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-compatible, for ``GET /admin/sync`` and ``olmd sync`` in a pipe."""
+        return {
+            "ok": self.ok,
+            "options": self.options.model_dump(mode="json"),
+            "started_at": self.started_at.isoformat(),
+            "finished_at": self.finished_at.isoformat(),
+            "window": self.window,
+            "stopped": self.stopped,
+            "counts": self.counts(),
+            "manifest_path": str(self.manifest_path) if self.manifest_path else None,
+            "drift": [d.model_dump() for d in self.manifest.drift] if self.manifest else [],
+            "plan": [asdict(p) for p in self.plan],
+            "outcomes": [asdict(o) for o in self.outcomes],
+        }
+
+
+class SyncProgress:
+    """A live view of one run, for ``GET /admin/sync`` and the CLI's progress display.
+
+    The engine writes it; readers take :meth:`snapshot`. Plain data, no locking needed:
+    everything runs on one event loop.
+    """
+
+    def __init__(self) -> None:
+        self.phase = "starting"
+        self.items: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def set_plan(self, plan: Iterable[PlannedAction]) -> None:
+        for p in plan:
+            state = "queued" if p.action == "pull" else "done"
+            self.items[(p.node, p.model)] = {"action": p.action, "state": state}
+
+    def update(self, node: str, model: str, **fields: Any) -> None:
+        self.items.setdefault((node, model), {}).update(fields)
+
+    def snapshot(self) -> dict[str, Any]:
+        nodes: dict[str, dict[str, Any]] = {}
+        for (node, model), item in self.items.items():
+            nodes.setdefault(node, {})[model] = dict(item)
+        return {"phase": self.phase, "nodes": nodes}
