@@ -1,26 +1,23 @@
-"""The emulator's data and Ollama's wire formats: config, requests, response bodies.
+"""Ollama's request and answer formats: parsing a generate / chat request, rendering the answer.
 
 Everything here is pure (no I/O; the clock only where a timestamp is the point), so the
-handlers in ``daemon.emulator`` stay short. Field order follows the Go structs in
+handlers in ``daemon.emulator_handlers`` stay short. Field order follows the Go structs in
 ollama's ``api/types.go`` and ``openai/openai.go``, error texts are copied from its
 ``server/routes.go`` and ``server/sched.go``, and fields Go marks ``omitempty`` are left
-out when zero, as the real server does.
+out when zero, as the real server does. Bodies that describe models (tags, ps, show,
+pull progress, /v1/models) are in ``daemon.emulator_bodies``.
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import hashlib
 import json
 import math
 import random
 import re
-import struct
 import time
 from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 ERR_MAX_QUEUE = "server busy, please try again.  maximum pending requests exceeded"
 ERR_MODEL_REQUIRED = "model is required"
@@ -34,165 +31,17 @@ ERR_PULL_EOF = "max retries exceeded: unexpected EOF"
 KEEP_ALIVE_DEFAULT = 300.0
 KEEP_ALIVE_FOREVER = 10 * 365 * 24 * 3600.0  # keep_alive < 0: Ollama shows a far expiry
 
-FaultKind = Literal["none", "refuse", "http500", "http503", "stall", "cut", "error_line"]
 JobKind = Literal["generate", "chat", "v1chat", "v1completion"]
-GENERATING_ROUTES = (
-    "/api/generate",
-    "/api/chat",
-    "/api/embed",
-    "/api/embeddings",
-    "/v1/chat/completions",
-    "/v1/completions",
-    "/v1/embeddings",
-)
-FAULT_ROUTES = (*GENERATING_ROUTES, "/api/pull")
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-/:]*$")
-_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)([bm])\b", re.IGNORECASE)
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-# (name prefix, GGUF family); the first match wins, so longer prefixes come first.
-_FAMILIES = (
-    ("nomic-embed", "nomic-bert"),
-    ("all-minilm", "bert"),
-    ("mxbai-embed", "bert"),
-    ("qwen3", "qwen3"),
-    ("qwen", "qwen2"),
-    ("gemma3", "gemma3"),
-    ("gemma", "gemma2"),
-    ("phi", "phi3"),
-    ("deepseek", "qwen2"),
-)
 _WORDS = (
     "The", "sky", "is", "blue", "because", "air", "scatters", "short", "light",
     "waves", "more", "than", "long", "ones", "at", "noon",
 )  # fmt: skip
-_STOPS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
-TEMPLATE = (
-    "{{ if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>"
-    "{{ end }}{{ if .Prompt }}<|start_header_id|>user<|end_header_id|>\n\n{{ .Prompt }}"
-    "<|eot_id|>{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n{{ .Response }}"
-    "<|eot_id|>"
-)
 
 
-# ---------------------------------------------------------------- configuration
-
-
-class EmulatorConfig(BaseModel):
-    """How the emulated node behaves. Every field can be changed while it runs."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = "emulator"
-    version: str = "0.12.0"
-    models: list[str] = Field(default_factory=lambda: ["llama3.1:8b"])
-    digests: dict[str, str] = Field(default_factory=dict, description="name → 64 hex digits")
-    tokens: int = Field(8, ge=0, description="tokens per answer")
-    token_delay: float = Field(0.0, ge=0, description="seconds between tokens")
-    load_delay: float = Field(0.0, ge=0, description="cold load before an unloaded model answers")
-    pull_size: int = Field(1_000_000, ge=1, description="bytes a pull transfers")
-    pull_speed: float = Field(0.0, ge=0, description="pull bytes per second, 0 = unlimited")
-    concurrency: int = Field(0, ge=0, description="requests generating at once, 0 = unlimited")
-    queue: int = Field(512, ge=0, description="requests waiting beyond that before a 503")
-    embedding_dim: int = Field(8, ge=1, le=8192)
-    unavailable: list[str] = Field(default_factory=list, description="names a pull cannot find")
-    fault: FaultKind = "none"
-    fault_after: int = Field(0, ge=0, description="chunks sent before cut / error_line")
-    fault_routes: list[str] = Field(default_factory=lambda: list(FAULT_ROUTES))
-    fault_count: int = Field(0, ge=0, description="requests faulted before it clears, 0 = all")
-
-    @field_validator("models", "unavailable")
-    @classmethod
-    def _names(cls, names: list[str]) -> list[str]:
-        out: list[str] = []
-        for raw in names:
-            if not valid_name(raw.strip()):
-                raise ValueError(f"invalid model name {raw!r}")
-            name = normalize(raw)
-            if all(name.lower() != seen.lower() for seen in out):
-                out.append(name)
-        return out
-
-    @field_validator("digests")
-    @classmethod
-    def _digests(cls, digests: dict[str, str]) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for name, value in digests.items():
-            digest = value.lower().removeprefix("sha256:")
-            if not re.fullmatch(r"[0-9a-f]{64}", digest):
-                raise ValueError(f"digest of {name!r} must be 64 hex digits")
-            out[normalize(name).lower()] = digest
-        return out
-
-    @field_validator("fault_routes")
-    @classmethod
-    def _routes(cls, routes: list[str]) -> list[str]:
-        unknown = sorted(set(routes) - set(FAULT_ROUTES))
-        if unknown:
-            raise ValueError(f"unknown routes {unknown}; expected some of {list(FAULT_ROUTES)}")
-        return routes
-
-
-def describe(exc: ValidationError) -> str:
-    """A one-line account of a config error, naming each bad key."""
-    return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in exc.errors()
-    )
-
-
-@dataclasses.dataclass
-class Stats:
-    """What the emulator saw; ``in_flight`` counts requests past the concurrency gate."""
-
-    requests: dict[str, int] = dataclasses.field(default_factory=dict)
-    in_flight: int = 0
-    max_in_flight: int = 0
-    queued: int = 0
-    pulls_in_flight: int = 0
-    max_pulls_in_flight: int = 0
-    cancelled: int = 0
-    completed: int = 0
-    rejected: int = 0
-    faults: int = 0
-
-    def snapshot(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def reset(self) -> None:
-        """Clear the counters; gauges of what is running now stay true."""
-        fresh = Stats(
-            in_flight=self.in_flight,
-            max_in_flight=self.in_flight,
-            queued=self.queued,
-            pulls_in_flight=self.pulls_in_flight,
-            max_pulls_in_flight=self.pulls_in_flight,
-        )
-        self.__dict__.update(fresh.__dict__)
-
-
-# ---------------------------------------------------------------- names and time
-
-
-def valid_name(name: str) -> bool:
-    return bool(_NAME_RE.match(name)) and not name.endswith((":", "/"))
-
-
-def normalize(name: str) -> str:
-    """``llama3`` → ``llama3:latest``; a name that has a tag keeps it."""
-    name = name.strip()
-    return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
-
-
-def namespace(name: str) -> str:
-    """The owner /v1/models reports: ``library`` unless the name has a namespace."""
-    parts = name.split(":", 1)[0].split("/")
-    return parts[-2] if len(parts) >= 2 else "library"
-
-
-def default_digest(name: str) -> str:
-    """64 hex digits without ``sha256:``, equal on every emulator for one model name."""
-    return hashlib.sha256(normalize(name).lower().encode()).hexdigest()
+# ---------------------------------------------------------------- time
 
 
 def rfc3339(ns: int | None = None) -> str:
@@ -220,116 +69,6 @@ def keep_alive_seconds(value: Any) -> float:
     if seconds is None:
         return KEEP_ALIVE_DEFAULT
     return KEEP_ALIVE_FOREVER if seconds < 0 else seconds
-
-
-# ---------------------------------------------------------------- model metadata
-
-
-def family(name: str) -> str:
-    base = name.rsplit("/", 1)[-1].lower()
-    return next((fam for prefix, fam in _FAMILIES if base.startswith(prefix)), "llama")
-
-
-def is_embedding(name: str) -> bool:
-    return family(name) in ("bert", "nomic-bert") or "embed" in name.lower()
-
-
-def parameter_count(name: str) -> int:
-    found = _SIZE_RE.search(name.rsplit(":", 1)[-1])
-    if found is None:
-        return 137_000_000 if is_embedding(name) else 3_210_000_000
-    return int(float(found.group(1)) * (1e9 if found.group(2).lower() == "b" else 1e6))
-
-
-def model_size(name: str) -> int:
-    # Q4_K_M spends about 4.8 bits a parameter; embedding models ship as F16.
-    count = parameter_count(name)
-    return count * 2 if is_embedding(name) else int(count * 0.6)
-
-
-def details(name: str) -> dict[str, Any]:
-    count = parameter_count(name)
-    size = f"{count / 1e9:.1f}B" if count >= 1_000_000_000 else f"{round(count / 1e6)}M"
-    return {
-        "parent_model": "",
-        "format": "gguf",
-        "family": family(name),
-        "families": [family(name)],
-        "parameter_size": size,
-        "quantization_level": "F16" if is_embedding(name) else "Q4_K_M",
-    }
-
-
-def tags_entry(name: str, digest: str, modified_ns: int) -> dict[str, Any]:
-    return {
-        "name": name,
-        "model": name,
-        "modified_at": rfc3339(modified_ns),
-        "size": model_size(name),
-        "digest": digest,
-        "details": details(name),
-    }
-
-
-def ps_entry(name: str, digest: str, expires_ns: int) -> dict[str, Any]:
-    size = model_size(name)
-    return {
-        "name": name,
-        "model": name,
-        "size": size,
-        "digest": digest,
-        "details": details(name),
-        "expires_at": rfc3339(expires_ns),
-        "size_vram": size,
-        "context_length": 4096,
-    }
-
-
-def show_body(name: str, digest: str, modified_ns: int, embedding_dim: int) -> dict[str, Any]:
-    fam, embed = family(name), is_embedding(name)
-    template = "{{ .Prompt }}" if embed else TEMPLATE
-    stops = () if embed else _STOPS
-    modelfile = (
-        '# Modelfile generated by "ollama show"\n'
-        "# To build a new Modelfile based on this, replace FROM with:\n"
-        f"# FROM {name}\n\n"
-        f"FROM /usr/share/ollama/.ollama/models/blobs/sha256-{digest}\n"
-        f'TEMPLATE """{template}"""\n' + "".join(f"PARAMETER stop {json.dumps(s)}\n" for s in stops)
-    )
-    return {
-        "license": "",
-        "modelfile": modelfile,
-        "parameters": "\n".join(f"{'stop':<30} {json.dumps(s)}" for s in stops),
-        "template": template,
-        "details": details(name),
-        "model_info": {
-            "general.architecture": fam,
-            "general.file_type": 1 if embed else 15,
-            "general.parameter_count": parameter_count(name),
-            "general.quantization_version": 2,
-            f"{fam}.context_length": 8192 if embed else 131072,
-            f"{fam}.embedding_length": embedding_dim,
-        },
-        "capabilities": ["embedding"] if embed else ["completion"],
-        "modified_at": rfc3339(modified_ns),
-    }
-
-
-def pull_layers(name: str, digest: str, total: int) -> list[tuple[str, int]]:
-    """(``sha256:…`` digest, size) per layer: the weights, then a small params layer."""
-    small = total // 10
-    sizes = [s for s in (total - small, small) if s > 0]
-    return [
-        ("sha256:" + hashlib.sha256(f"{digest}/{i}/{name}".encode()).hexdigest(), size)
-        for i, size in enumerate(sizes)
-    ]
-
-
-def progress(layer: str, total: int, completed: int) -> dict[str, Any]:
-    line: dict[str, Any] = {"status": f"pulling {layer[7:19]}", "digest": layer, "total": total}
-    if completed:
-        line["completed"] = completed
-    return line
 
 
 # ---------------------------------------------------------------- requests
@@ -497,33 +236,6 @@ def metrics(
 def openai_error(status: int, message: str) -> dict[str, Any]:
     kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
     return {"error": {"message": message, "type": kind, "param": None, "code": None}}
-
-
-def embedding_list(
-    model: str, vectors: list[list[float]], prompt_count: int, encoding: str
-) -> dict[str, Any]:
-    data: list[dict[str, Any]] = []
-    for i, vec in enumerate(vectors):
-        value: Any = vec
-        if encoding.lower() == "base64":
-            value = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
-        data.append({"object": "embedding", "embedding": value, "index": i})
-    usage = {"prompt_tokens": prompt_count, "total_tokens": prompt_count}
-    return {"object": "list", "data": data, "model": model, "usage": usage}
-
-
-def model_object(name: str, modified_ns: int) -> dict[str, Any]:
-    return {
-        "id": name,
-        "object": "model",
-        "created": modified_ns // 1_000_000_000,
-        "owned_by": namespace(name),
-    }
-
-
-def model_list(entries: list[tuple[str, int]]) -> dict[str, Any]:
-    """/v1/models from (name, modified ns); Go leaves ``data`` null when there is none."""
-    return {"object": "list", "data": [model_object(n, ns) for n, ns in entries] or None}
 
 
 # ---------------------------------------------------------------- rendering a job

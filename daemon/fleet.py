@@ -7,6 +7,7 @@ A reload swaps the table without touching in-flight requests, which keep their `
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,10 +16,12 @@ from daemon.domain import CooldownPolicy, FailureKind, ModelRef, NodeHealth, Nod
 from daemon.settings import NodeSettings, RoutingSettings
 
 
+@functools.lru_cache(maxsize=4096)
 def model_key(name: str) -> str:
     """The name every table is keyed by: normalised, ``:latest`` implied.
 
-    Raises ValueError for a name Ollama would not accept.
+    Raises ValueError for a name Ollama would not accept. Cached: every request asks,
+    and a fleet serves a handful of names (failures are not cached, and are cheap).
     """
     return ModelRef.parse(name).name
 

@@ -1,0 +1,133 @@
+"""The emulator's settings and counters: EmulatorConfig, Stats, model-name rules.
+
+:class:`EmulatorConfig` is how the emulated node behaves (changeable while it runs,
+through ``/_emulator/config``); :class:`Stats` is what it saw (``/_emulator/stats``).
+Model names are validated and normalised here, since the config holds them. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+FaultKind = Literal["none", "refuse", "http500", "http503", "stall", "cut", "error_line"]
+GENERATING_ROUTES = (
+    "/api/generate",
+    "/api/chat",
+    "/api/embed",
+    "/api/embeddings",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+)
+FAULT_ROUTES = (*GENERATING_ROUTES, "/api/pull")
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-/:]*$")
+
+
+class EmulatorConfig(BaseModel):
+    """How the emulated node behaves. Every field can be changed while it runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "emulator"
+    version: str = "0.12.0"
+    models: list[str] = Field(default_factory=lambda: ["llama3.1:8b"])
+    digests: dict[str, str] = Field(default_factory=dict, description="name → 64 hex digits")
+    tokens: int = Field(8, ge=0, description="tokens per answer")
+    token_delay: float = Field(0.0, ge=0, description="seconds between tokens")
+    load_delay: float = Field(0.0, ge=0, description="cold load before an unloaded model answers")
+    pull_size: int = Field(1_000_000, ge=1, description="bytes a pull transfers")
+    pull_speed: float = Field(0.0, ge=0, description="pull bytes per second, 0 = unlimited")
+    concurrency: int = Field(0, ge=0, description="requests generating at once, 0 = unlimited")
+    queue: int = Field(512, ge=0, description="requests waiting beyond that before a 503")
+    embedding_dim: int = Field(8, ge=1, le=8192)
+    unavailable: list[str] = Field(default_factory=list, description="names a pull cannot find")
+    fault: FaultKind = "none"
+    fault_after: int = Field(0, ge=0, description="chunks sent before cut / error_line")
+    fault_routes: list[str] = Field(default_factory=lambda: list(FAULT_ROUTES))
+    fault_count: int = Field(0, ge=0, description="requests faulted before it clears, 0 = all")
+
+    @field_validator("models", "unavailable")
+    @classmethod
+    def _names(cls, names: list[str]) -> list[str]:
+        out: list[str] = []
+        for raw in names:
+            if not valid_name(raw.strip()):
+                raise ValueError(f"invalid model name {raw!r}")
+            name = normalize(raw)
+            if all(name.lower() != seen.lower() for seen in out):
+                out.append(name)
+        return out
+
+    @field_validator("digests")
+    @classmethod
+    def _digests(cls, digests: dict[str, str]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for name, value in digests.items():
+            digest = value.lower().removeprefix("sha256:")
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ValueError(f"digest of {name!r} must be 64 hex digits")
+            out[normalize(name).lower()] = digest
+        return out
+
+    @field_validator("fault_routes")
+    @classmethod
+    def _routes(cls, routes: list[str]) -> list[str]:
+        unknown = sorted(set(routes) - set(FAULT_ROUTES))
+        if unknown:
+            raise ValueError(f"unknown routes {unknown}; expected some of {list(FAULT_ROUTES)}")
+        return routes
+
+
+def describe(exc: ValidationError) -> str:
+    """A one-line account of a config error, naming each bad key."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in exc.errors()
+    )
+
+
+@dataclasses.dataclass
+class Stats:
+    """What the emulator saw; ``in_flight`` counts requests past the concurrency gate."""
+
+    requests: dict[str, int] = dataclasses.field(default_factory=dict)
+    in_flight: int = 0
+    max_in_flight: int = 0
+    queued: int = 0
+    pulls_in_flight: int = 0
+    max_pulls_in_flight: int = 0
+    cancelled: int = 0
+    completed: int = 0
+    rejected: int = 0
+    faults: int = 0
+
+    def snapshot(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def reset(self) -> None:
+        """Clear the counters; gauges of what is running now stay true."""
+        fresh = Stats(
+            in_flight=self.in_flight,
+            max_in_flight=self.in_flight,
+            queued=self.queued,
+            pulls_in_flight=self.pulls_in_flight,
+            max_pulls_in_flight=self.pulls_in_flight,
+        )
+        self.__dict__.update(fresh.__dict__)
+
+
+# ---------------------------------------------------------------- model names
+
+
+def valid_name(name: str) -> bool:
+    return bool(_NAME_RE.match(name)) and not name.endswith((":", "/"))
+
+
+def normalize(name: str) -> str:
+    """``llama3`` → ``llama3:latest``; a name that has a tag keeps it."""
+    name = name.strip()
+    return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"

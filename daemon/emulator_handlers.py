@@ -1,0 +1,383 @@
+"""The emulator's request handlers, one per Ollama, OpenAI or ``/_emulator`` route.
+
+Generation (generate, chat and their OpenAI forms), embeddings, the model list and
+details, delete, pull with its resumable progress, and the control endpoints that read and
+change the config and the stats. :func:`add_routes` puts them on an application.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from daemon import emulator_bodies as bodies
+from daemon import emulator_formats as fmt
+from daemon.emulator_config import describe, normalize, valid_name
+from daemon.emulator_formats import Job, JobKind, Reject
+from daemon.emulator_responses import (
+    Handler,
+    Sink,
+    error_response,
+    json_response,
+    read_body,
+    single,
+)
+from daemon.emulator_state import STATE_KEY, EmulatorState, hold
+
+_PULL_TICK = 0.06  # Ollama reports pull progress every 60 ms
+Emit = Callable[[dict[str, Any], bool], Awaitable[None]]
+
+
+# ---------------------------------------------------------------- generation
+
+
+async def _generation(request: web.Request, kind: JobKind) -> web.StreamResponse:
+    state = request.app[STATE_KEY]
+    job = fmt.parse_job(kind, await read_body(request))
+    name = state.find(job.model)
+    if name is None:
+        raise Reject(404, f"model '{job.model}' not found")
+    if bodies.is_embedding(name):
+        raise Reject(400, f'"{job.model}" does not support {job.verb}')
+    if job.load_only:
+        return await _load_only(request, state, job, name)
+    return await _run(request, state, job, name)
+
+
+async def _run(
+    request: web.Request, state: EmulatorState, job: Job, name: str
+) -> web.StreamResponse:
+    # Like Ollama, load_duration runs from the request's start, so it includes queueing.
+    cfg = state.config
+    start = time.perf_counter_ns()
+    await state.admit(request)
+    try:
+        await state.ensure_loaded(request, name, job.keep_alive)
+        loaded = first = time.perf_counter_ns()
+        count = cfg.tokens if job.limit is None or job.limit < 0 else min(cfg.tokens, job.limit)
+        tokens = fmt.answer(job.prompt, count)
+        sink = None
+        if job.stream:
+            kind = "text/event-stream" if job.openai else "application/x-ndjson"
+            sink = Sink(request, kind, error=fmt.ERR_RUNNER_GONE, openai=job.openai)
+        for i, token in enumerate(tokens):
+            if i and cfg.token_delay:
+                await hold(request, cfg.token_delay)
+            elif not i:
+                first = time.perf_counter_ns()
+            if sink is not None:
+                await sink.send(fmt.chunk(job, token))
+        end = time.perf_counter_ns()
+        reason = "length" if count < cfg.tokens else "stop"
+        stats = fmt.metrics(
+            total=end - start,
+            load=loaded - start,
+            prompt_count=fmt.prompt_tokens(job.prompt),
+            prompt_ns=max(1, first - loaded),
+            eval_count=count,
+            eval_ns=max(1, end - first) if count else 0,
+        )
+        if sink is None:
+            body = fmt.final(job, "".join(tokens), reason, stats)
+            return await single(request, body, openai=job.openai)
+        await sink.send(fmt.closing(job, reason, stats), last=True)
+        state.stats.completed += 1
+        return sink.response
+    finally:
+        state.release()
+
+
+async def _load_only(
+    request: web.Request, state: EmulatorState, job: Job, name: str
+) -> web.StreamResponse:
+    if job.keep_alive == 0:
+        state.loaded.pop(name, None)
+        return json_response(fmt.load_reply(job, "unload"))
+    await state.admit(request)
+    try:
+        await state.ensure_loaded(request, name, job.keep_alive)
+    finally:
+        state.release()
+    return json_response(fmt.load_reply(job, "load"))
+
+
+async def _generate(request: web.Request) -> web.StreamResponse:
+    return await _generation(request, "generate")
+
+
+async def _chat(request: web.Request) -> web.StreamResponse:
+    return await _generation(request, "chat")
+
+
+async def _v1_chat(request: web.Request) -> web.StreamResponse:
+    return await _generation(request, "v1chat")
+
+
+async def _v1_completions(request: web.Request) -> web.StreamResponse:
+    return await _generation(request, "v1completion")
+
+
+# ---------------------------------------------------------------- embeddings
+
+
+async def _vectors(
+    request: web.Request, model: str, texts: list[str]
+) -> tuple[list[list[float]], dict[str, int]]:
+    """Vectors and metrics for ``texts``, through the gate and the cold load."""
+    state = request.app[STATE_KEY]
+    name = state.find(model)
+    if name is None:
+        raise Reject(404, f'model "{model}" not found, try pulling it first')
+    start = time.perf_counter_ns()
+    await state.admit(request)
+    try:
+        await state.ensure_loaded(request, name, fmt.KEEP_ALIVE_DEFAULT)
+        loaded = time.perf_counter_ns()
+        vectors = [fmt.embedding(text, state.config.embedding_dim) for text in texts]
+    finally:
+        state.release()
+    count = sum(fmt.prompt_tokens(text) for text in texts)
+    end = time.perf_counter_ns()
+    metrics = fmt.metrics(
+        total=end - start, load=loaded - start, prompt_count=count, prompt_ns=0, eval_count=0,
+        eval_ns=0,
+    )  # fmt: skip
+    return vectors, metrics
+
+
+async def _embed(request: web.Request) -> web.StreamResponse:
+    body = await read_body(request)
+    model = fmt.model_of(body)
+    vectors, metrics = await _vectors(
+        request, model, fmt.embed_input(body.get("input"), openai=False)
+    )
+    return await single(request, {"model": model, "embeddings": vectors} | metrics, openai=False)
+
+
+async def _embeddings(request: web.Request) -> web.StreamResponse:
+    body = await read_body(request)
+    prompt = body.get("prompt")
+    texts = [prompt] if isinstance(prompt, str) and prompt else []
+    vectors, _ = await _vectors(request, fmt.model_of(body), texts)
+    return await single(request, {"embedding": vectors[0] if vectors else []}, openai=False)
+
+
+async def _v1_embeddings(request: web.Request) -> web.StreamResponse:
+    body = await read_body(request)
+    encoding = body.get("encoding_format") or "float"
+    if not isinstance(encoding, str) or encoding.lower() not in ("float", "base64"):
+        message = f"Invalid value for 'encoding_format' = {encoding}. "
+        raise Reject(400, message + "Supported values: ['float', 'base64'].")
+    texts = fmt.embed_input(body.get("input"), openai=True)
+    model = fmt.model_of(body)
+    vectors, metrics = await _vectors(request, model, texts)
+    count = metrics.get("prompt_eval_count", 0)
+    return await single(
+        request, bodies.embedding_list(model, vectors, count, encoding), openai=True
+    )
+
+
+# ---------------------------------------------------------------- models
+
+
+async def _root(request: web.Request) -> web.StreamResponse:
+    return web.Response(text="Ollama is running")
+
+
+async def _version(request: web.Request) -> web.StreamResponse:
+    return json_response({"version": request.app[STATE_KEY].config.version})
+
+
+async def _tags(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE_KEY]
+    return json_response(
+        {"models": [bodies.tags_entry(m, state.digest(m), t) for m, t in state.by_age()]}
+    )
+
+
+async def _ps(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE_KEY]
+    live = [m for m in list(state.loaded) if state.is_loaded(m) and state.find(m)]
+    live.sort(key=lambda m: state.loaded[m], reverse=True)
+    return json_response(
+        {"models": [bodies.ps_entry(m, state.digest(m), state.loaded[m]) for m in live]}
+    )
+
+
+async def _show(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE_KEY]
+    model = fmt.model_of(await read_body(request))
+    name = state.find(model)
+    if name is None:
+        raise Reject(404, f"model '{model}' not found")
+    dim = state.config.embedding_dim
+    return json_response(bodies.show_body(name, state.digest(name), state.modified_ns(name), dim))
+
+
+async def _delete(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE_KEY]
+    body = await read_body(request)
+    model = body.get("model") or body.get("name") or ""
+    if not isinstance(model, str) or not valid_name(model):
+        raise Reject(400, f"name {json.dumps(model)} is invalid")
+    name = state.find(model)
+    if name is None:
+        raise Reject(404, f"model '{model}' not found")
+    state.remove_model(name)
+    return web.Response()
+
+
+async def _v1_models(request: web.Request) -> web.StreamResponse:
+    return json_response(bodies.model_list(request.app[STATE_KEY].by_age()), openai=True)
+
+
+async def _v1_model(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE_KEY]
+    model = request.match_info["model"]
+    name = state.find(model)
+    if name is None:
+        raise Reject(404, f"model '{model}' not found")
+    return json_response(bodies.model_object(model, state.modified_ns(name)), openai=True)
+
+
+# ---------------------------------------------------------------- pull
+
+
+async def _pull_model(request: web.Request, state: EmulatorState, name: str, emit: Emit) -> bool:
+    """Ollama's pull conversation, True if it succeeded. Progress outlives a disconnect,
+    so the next pull of the model resumes where this one stopped."""
+    cfg = state.config
+    await emit({"status": "pulling manifest"}, False)
+    if any(u.lower() == name.lower() for u in cfg.unavailable):
+        await emit({"error": fmt.ERR_PULL_MANIFEST}, True)
+        return False
+    present = state.find(name) is not None and name not in state.pull_progress
+    done = cfg.pull_size if present else state.pull_progress.get(name, 0)
+    loop = asyncio.get_running_loop()
+    offset = 0
+    for layer, size in bodies.pull_layers(name, state.digest(name), cfg.pull_size):
+        have = min(max(done - offset, 0), size)
+        await emit(bodies.progress(layer, size, have), False)
+        tick = loop.time()
+        while have < size:  # bounded: every pass adds at least one byte
+            step, speed = size - have, state.config.pull_speed
+            if speed:
+                await hold(request, _PULL_TICK)
+                now = loop.time()
+                step, tick = max(1, int((now - tick) * speed)), now
+            have = min(size, have + step)
+            state.pull_progress[name] = offset + have
+            await emit(bodies.progress(layer, size, have), False)
+        offset += size
+    await emit({"status": "verifying sha256 digest"}, False)
+    await emit({"status": "writing manifest"}, False)
+    state.add_model(name)
+    state.pull_progress.pop(name, None)
+    await emit({"status": "success"}, True)
+    return True
+
+
+async def _pull(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE_KEY]
+    body = await read_body(request)
+    raw = body.get("model") or body.get("name") or ""
+    if not isinstance(raw, str) or not valid_name(raw.strip()):
+        raise Reject(400, fmt.ERR_INVALID_NAME)
+    name = state.find(raw) or normalize(raw)
+    stats = state.stats
+    stats.pulls_in_flight += 1
+    stats.max_pulls_in_flight = max(stats.max_pulls_in_flight, stats.pulls_in_flight)
+    try:
+        if body.get("stream") is not False:
+            sink = Sink(request, "application/x-ndjson", error=fmt.ERR_PULL_EOF, openai=False)
+
+            async def send(line: dict[str, Any], last: bool) -> None:
+                await sink.send(fmt.ndjson(line), last=last)
+
+            if await _pull_model(request, state, name, send):
+                stats.completed += 1
+            return sink.response
+        latest: dict[str, Any] = {}
+
+        async def keep(line: dict[str, Any], last: bool) -> None:
+            latest.clear()
+            latest.update(line)
+
+        await _pull_model(request, state, name, keep)
+        if "error" in latest:  # Ollama's waitForStream answers 500 to an error
+            return error_response(500, latest["error"], openai=False)
+        return await single(request, latest, openai=False, error=fmt.ERR_PULL_EOF)
+    finally:
+        stats.pulls_in_flight -= 1
+
+
+# ---------------------------------------------------------------- control
+
+
+async def _get_config(request: web.Request) -> web.StreamResponse:
+    return json_response(request.app[STATE_KEY].config.model_dump(mode="json"))
+
+
+async def _post_config(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE_KEY]
+    try:
+        patch = json.loads(await request.read() or b"{}")
+        if not isinstance(patch, dict):
+            raise ValueError("expected a JSON object")
+        state.update(patch)
+    except ValidationError as exc:  # before ValueError: it is one
+        return error_response(400, describe(exc), openai=False)
+    except ValueError as exc:
+        return error_response(400, f"invalid request body: {exc}", openai=False)
+    return json_response(state.config.model_dump(mode="json"))
+
+
+async def _get_stats(request: web.Request) -> web.StreamResponse:
+    return json_response(request.app[STATE_KEY].stats.snapshot())
+
+
+async def _reset(request: web.Request) -> web.StreamResponse:
+    stats = request.app[STATE_KEY].stats
+    stats.reset()
+    return json_response(stats.snapshot())
+
+
+# ---------------------------------------------------------------- routes
+
+
+def add_routes(app: web.Application) -> None:
+    """Every route the emulator answers."""
+    gets: dict[str, Handler] = {
+        "/": _root,
+        "/api/version": _version,
+        "/api/tags": _tags,
+        "/api/ps": _ps,
+        "/v1/models": _v1_models,
+        "/v1/models/{model:.+}": _v1_model,
+        "/_emulator/config": _get_config,
+        "/_emulator/stats": _get_stats,
+    }
+    posts: dict[str, Handler] = {
+        "/api/generate": _generate,
+        "/api/chat": _chat,
+        "/api/embed": _embed,
+        "/api/embeddings": _embeddings,
+        "/api/pull": _pull,
+        "/api/show": _show,
+        "/v1/chat/completions": _v1_chat,
+        "/v1/completions": _v1_completions,
+        "/v1/embeddings": _v1_embeddings,
+        "/_emulator/config": _post_config,
+        "/_emulator/reset": _reset,
+    }
+    for path, handler in gets.items():
+        app.router.add_get(path, handler)  # HEAD too, as Ollama answers it
+    for path, handler in posts.items():
+        app.router.add_post(path, handler)
+    app.router.add_delete("/api/delete", _delete)
