@@ -2,8 +2,8 @@
 
 Facts come from a handful of read-only commands (``cat /proc/meminfo``, ``df``, ``nproc``,
 ``nvidia-smi``, ...), run locally or on a node over SSH, so both paths share one parser;
-the Ollama version and models come from the node's HTTP API. The result is a Markdown
-report with a threshold table and a JSON twin, both written atomically.
+the Ollama version and models come from the node's HTTP API. The result is a ``Report``:
+a threshold table over the facts, rendered and written by ``daemon.envreport``.
 
 Sizes are decimal: 1 GB = 10**9 bytes (a "64 GB" machine reports about 67 GB of MemTotal).
 """
@@ -14,19 +14,16 @@ import asyncio
 import contextlib
 import enum
 import getpass
-import json
 import os
 import shlex
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 import asyncssh
 
-from daemon import __version__
-from daemon.atomicfile import write_atomic
 from daemon.settings import NodeSettings, ReportSettings, Settings
 from daemon.smoke import NodeHealth, check_nodes
 
@@ -41,11 +38,10 @@ __all__ = [
     "Runner",
     "Status",
     "evaluate",
+    "format_gb",
     "gather",
-    "json_path_for",
     "ssh_runner",
     "verify",
-    "write_report",
 ]
 
 GB = 1_000_000_000
@@ -331,7 +327,7 @@ class Check:
     detail: str = ""
 
 
-def _gb(value: float | None) -> str:
+def format_gb(value: float | None) -> str:
     return "unknown" if value is None else f"{value / GB:,.1f} GB"
 
 
@@ -353,7 +349,7 @@ def evaluate(
             "ram_total",
             "Total RAM",
             f">= {limits.min_ram_gb:g} GB",
-            _gb(ram),
+            format_gb(ram),
             Status.FAIL if ram is None else _level(ram, ram_min, strict=False),
         )
     )
@@ -364,7 +360,7 @@ def evaluate(
             "disk_free",
             f"Free disk at {facts.data_root}",
             f"> {limits.min_free_disk_gb:g} GB",
-            _gb(disk),
+            format_gb(disk),
             Status.FAIL if disk is None else _level(disk, disk_min, strict=True),
             f"measured at {facts.disk_measured_at}" if facts.disk_measured_at else "",
         )
@@ -399,6 +395,8 @@ def evaluate(
 
 @dataclass(frozen=True)
 class Report:
+    """One verify-env run; ``daemon.envreport`` renders and writes it."""
+
     facts: Facts
     checks: list[Check]
     generated_at: datetime
@@ -408,112 +406,6 @@ class Report:
     def status(self) -> Status:
         found = {c.status for c in self.checks}
         return next((s for s in (Status.FAIL, Status.WARN) if s in found), Status.PASS)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "schema": 1,
-            "generated_at": self.generated_at.isoformat(timespec="seconds"),
-            "olmd_version": __version__,
-            "command": self.command,
-            "status": str(self.status),
-            "checks": [asdict(c) for c in self.checks],
-            "facts": asdict(self.facts),
-        }
-
-    def to_markdown(self) -> str:
-        facts, checks = self.facts, self.checks
-        counts = ", ".join(
-            f"{sum(c.status is s for c in checks)} {s}"
-            for s in (Status.FAIL, Status.WARN, Status.PASS)
-        )
-        title = "this machine" if facts.target == "local" else f"node {facts.target}"
-        lines = [
-            f"# Ollama health report: {title}",
-            "",
-            f"Generated {self.generated_at:%Y-%m-%d %H:%M:%S %Z} by olmd {__version__} "
-            f"(`{self.command}`). Sizes in GB of 10^9 bytes; a warning means less than "
-            f"{WARN_MARGIN:.0%} headroom over the threshold.",
-            "",
-            f"**Result: {self.status.upper()}** ({counts}).",
-            "",
-            "## Capacity thresholds",
-            "",
-            *_table(
-                ("Check", "Threshold", "Measured", "Result", "Detail"),
-                [(c.name, c.threshold, c.measured, c.status.upper(), c.detail) for c in checks],
-            ),
-            "",
-            "## Host",
-            "",
-            *_table(("Fact", "Value"), _fact_rows(facts)),
-            "",
-        ]
-        models = facts.ollama.models if facts.ollama else ()
-        lines += [f"## Models ({len(models)})", ""]
-        if facts.ollama is None or not facts.ollama.ok:
-            lines.append(f"Not listed: the Ollama API at {facts.ollama_url} did not answer.")
-        elif not models:
-            lines.append("The node has no models yet.")
-        else:
-            rows = [
-                (m.name, _gb(m.size), (m.digest or "")[:12], m.modified_at or "") for m in models
-            ]
-            lines += _table(("Model", "Size", "Digest", "Modified"), rows)
-        if facts.notes:
-            lines += ["", "## Notes", "", *(f"- {note}" for note in facts.notes)]
-        return "\n".join(lines) + "\n"
-
-
-def _cell(value: object) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
-    return [
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *("| " + " | ".join(_cell(v) for v in row) + " |" for row in rows),
-    ]
-
-
-def _fact_rows(facts: Facts) -> list[tuple[str, str]]:
-    unknown = "unknown"
-    cores = f" ({facts.cpu_cores} cores)" if facts.cpu_cores else ""
-    if facts.gpus is None:
-        gpus = "none found (no nvidia-smi)"
-    else:
-        gpus = "; ".join(f"{g.name} ({_gb(g.memory_bytes)})" for g in facts.gpus) or "none"
-    load = facts.load_average
-    api = facts.ollama
-    return [
-        ("Host name", facts.hostname or unknown),
-        ("OS", facts.os or unknown),
-        ("CPU", f"{facts.cpu_model or unknown}{cores}"),
-        ("RAM", f"{_gb(facts.ram_total_bytes)} total, {_gb(facts.ram_available_bytes)} available"),
-        (
-            "Disk",
-            f"{_gb(facts.disk_free_bytes)} free at {facts.disk_measured_at or facts.data_root}",
-        ),
-        ("GPUs", gpus),
-        ("Load average (1/5/15 min)", " / ".join(f"{v:.2f}" for v in load) if load else unknown),
-        (
-            "Ollama",
-            f"{api.version} at {api.url}" if api and api.ok else f"no answer at {facts.ollama_url}",
-        ),
-    ]
-
-
-def json_path_for(path: Path) -> Path:
-    """The JSON twin of a Markdown report: same name, ``.json`` suffix."""
-    return path.with_suffix(".json")
-
-
-def write_report(report: Report, path: Path) -> tuple[Path, Path]:
-    """Write the Markdown report and its JSON twin, each atomically; returns both paths."""
-    twin = json_path_for(path)
-    write_atomic(path, report.to_markdown().encode())
-    write_atomic(twin, (json.dumps(report.to_json(), indent=2) + "\n").encode())
-    return path, twin
 
 
 async def verify(

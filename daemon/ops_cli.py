@@ -92,7 +92,7 @@ def _find_node(settings: Settings, name: str) -> NodeSettings | None:
 
 
 def _cmd_verify_env(args: argparse.Namespace) -> int:
-    from daemon import envcheck
+    from daemon import envcheck, envreport
 
     settings = settings_from(args)
     node = None
@@ -117,9 +117,9 @@ def _cmd_verify_env(args: argparse.Namespace) -> int:
     except envcheck.EnvCheckError as exc:
         print(f"olmd: verify-env: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    markdown, twin = envcheck.write_report(report, path)
+    markdown, twin = envreport.write_report(report, path)
     if args.json:
-        print(json.dumps(report.to_json(), indent=2))
+        print(json.dumps(envreport.to_json(report), indent=2))
     else:
         for check in report.checks:
             detail = f"  ({check.detail})" if check.detail else ""
