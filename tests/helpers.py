@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import tomli_w
 from aiohttp.test_utils import TestServer
 
@@ -68,6 +69,15 @@ async def eventually(check: Callable[[], bool], timeout: float = 5.0, step: floa
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(step)
+
+
+async def fetch(
+    http: aiohttp.ClientSession, method: str, url: str, **kwargs: Any
+) -> aiohttp.ClientResponse:
+    """A whole response, its body read and its connection given back to the pool."""
+    response = await http.request(method, url, **kwargs)
+    await response.read()
+    return response
 
 
 def olmd_command(*args: str) -> list[str]:

@@ -15,7 +15,7 @@ import pytest
 
 from daemon.emulator import Emulator, EmulatorConfig
 from daemon.gateway import GATEWAY
-from tests.helpers import eventually, running_olmd, settings_dict
+from tests.helpers import eventually, fetch, running_olmd, settings_dict
 
 MODEL = "llama3.1:8b"
 GENERATE = {"model": MODEL, "prompt": "hi", "stream": False}
@@ -113,8 +113,8 @@ async def test_merged_views_and_wrapper_routes(three) -> None:
         assert len(by_name[MODEL]["digest"]) == 64
         version = await (await http.get(url(server, "/api/version"))).json()
         assert version["version"] == "0.12.0" and set(version["nodes"]) == {"a", "b", "c"}
-        assert (await http.get(url(server, "/"))).status == 200
-        assert (await http.head(url(server, "/"))).status == 200
+        assert (await fetch(http, "GET", url(server, "/"))).status == 200
+        assert (await fetch(http, "HEAD", url(server, "/"))).status == 200
 
         status, _, data = await post(http, server, "/api/v1/llm/generate", GENERATE)
         assert status == 200 and data["done"] is True and data["response"]
@@ -248,8 +248,8 @@ async def test_keys_and_admin_token(three, monkeypatch: pytest.MonkeyPatch) -> N
             assert response.headers["X-Olmd-Node"] == "b"
         assert "tinyllama:latest" in three[1][2].state.config.models
         assert three[0][2].state.stats.requests.get("/api/pull", 0) == 0
-        assert (await http.get(url(server, "/metrics"))).status == 200
-        assert (await http.get(url(server, "/healthz"))).status == 200
+        assert (await fetch(http, "GET", url(server, "/metrics"))).status == 200
+        assert (await fetch(http, "GET", url(server, "/healthz"))).status == 200
 
 
 async def test_drain_stops_new_requests_but_lets_a_stream_finish(three) -> None:

@@ -15,7 +15,7 @@ import pytest
 
 from daemon.emulator import Emulator, EmulatorConfig
 from tests.conftest import ROOT
-from tests.helpers import olmd_command, settings_dict, write_settings
+from tests.helpers import fetch, olmd_command, settings_dict, write_settings
 
 
 class NotifySocket:
@@ -91,14 +91,16 @@ async def test_ready_after_listening_reload_and_drain(
         await writer.wait_closed()
 
         async with aiohttp.ClientSession() as http:
-            assert (await http.get(f"{base}/readyz")).status == 200
+            assert (await fetch(http, "GET", f"{base}/readyz")).status == 200
 
             # SIGHUP with a broken file: refused, logged, the old settings keep serving.
             config.write_text("[routing]\nstrategy = 'fastest'\n")
             process.send_signal(signal.SIGHUP)
             messages = await notify.wait_for("READY=1")
             assert any("RELOADING=1" in m and "MONOTONIC_USEC=" in m for m in messages)
-            response = await http.post(
+            response = await fetch(
+                http,
+                "POST",
                 f"{base}/api/generate",
                 json={"model": "llama3.1:8b", "prompt": "hi", "stream": False},
             )
@@ -144,8 +146,8 @@ async def test_reload_applies_a_good_file(
         process.send_signal(signal.SIGHUP)
         await notify.wait_for("READY=1")
         async with aiohttp.ClientSession() as http:
-            response = await http.post(
-                f"{base}/api/embed", json={"model": "llama3.1:8b", "input": "hi"}
+            response = await fetch(
+                http, "POST", f"{base}/api/embed", json={"model": "llama3.1:8b", "input": "hi"}
             )
             assert response.status == 200
             assert response.headers["X-Olmd-Node"] == "renamed"
