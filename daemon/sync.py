@@ -20,11 +20,11 @@ from typing import Any
 from aiohttp import web
 
 from daemon.logs import get_logger
+from daemon.metrics import SyncMetrics
 from daemon.runtime import RUNTIME
 from daemon.scheduler import SyncScheduler
 from daemon.settings import Settings
 from daemon.sync_engine import Backoff, Clock, Now, SyncEngine, TransportFactory, utcnow
-from daemon.sync_metrics import SyncMetrics
 from daemon.sync_plan import SyncOptions, SyncProgress, SyncResult, select_targets
 from daemon.sync_state import SyncBusy, SyncLock, SyncState, lock_path, read_state, state_path
 

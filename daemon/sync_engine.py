@@ -20,9 +20,9 @@ import aiohttp
 from daemon import registry
 from daemon.logs import get_logger
 from daemon.manifest import ManifestError, merge_previous, read_manifest, write_manifest
+from daemon.metrics import SyncMetrics
 from daemon.ports import PullError, PullTransport
 from daemon.settings import Settings
-from daemon.sync_metrics import SyncMetrics
 from daemon.sync_plan import (
     Inventory,
     Outcome,

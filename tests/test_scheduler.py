@@ -18,12 +18,11 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from daemon.emulator import Emulator, EmulatorConfig
-from daemon.metrics import Metrics
+from daemon.metrics import Metrics, SyncMetrics
 from daemon.runtime import RUNTIME, Runtime
 from daemon.scheduler import SyncScheduler, cron_trigger, missed_run
 from daemon.settings import Settings, SettingsError, load_settings
 from daemon.sync import SYNC, SyncBusy, SyncOptions, SyncService, run_sync, sync_component
-from daemon.sync_metrics import SyncMetrics
 from daemon.sync_state import SyncState
 from daemon.window import AllowedWindow
 from tests.test_sync import FakeNow, make_settings

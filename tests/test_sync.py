@@ -25,9 +25,9 @@ from structlog.testing import capture_logs
 from daemon import sync_cli
 from daemon.emulator import Emulator, EmulatorConfig
 from daemon.manifest import Manifest, ModelEntry, NodeEntry, read_manifest
+from daemon.metrics import SyncMetrics
 from daemon.settings import Settings
 from daemon.sync import SyncBusy, SyncOptions, SyncService, run_sync
-from daemon.sync_metrics import SyncMetrics
 from daemon.sync_plan import SyncProgress
 from daemon.sync_state import SyncLock, lock_path, read_state, state_path
 
