@@ -22,21 +22,34 @@ _PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 @web.middleware
-async def _track_in_flight(
+async def front_door(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    if request.path in _PROBE_PATHS:
-        return await handler(request)
+    """Every request passes here once: the guard, in-flight counting, JSON errors.
+
+    One middleware rather than three: each costs a coroutine frame per request.
+    """
     runtime = request.app[RUNTIME]
-    runtime.in_flight += 1
+    refusal = guard.check(request, runtime)
+    if refusal is not None:
+        return refusal
+    counted = request.path not in _PROBE_PATHS
+    if counted:
+        runtime.in_flight += 1
     try:
         return await handler(request)
+    except web.HTTPException as exc:
+        reply = guard.as_json(exc, runtime)
+        if reply is None:
+            raise
+        return reply
     except BaseException:
-        if runtime.phase is Phase.DRAINING:
+        if counted and runtime.phase is Phase.DRAINING:
             runtime.cancelled_on_drain += 1
         raise
     finally:
-        runtime.in_flight -= 1
+        if counted:
+            runtime.in_flight -= 1
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -66,7 +79,7 @@ def create_app(
 ) -> web.Application:
     """The daemon's application. ``components`` run as cleanup contexts, in order."""
     app = web.Application(
-        middlewares=[guard.json_errors, _track_in_flight, guard.guard],
+        middlewares=[front_door],
         client_max_size=settings.server.max_body_bytes,
     )
     app[RUNTIME] = Runtime(settings=settings, metrics=metrics or Metrics())

@@ -8,23 +8,22 @@ never logged; the client's ``Authorization`` is never forwarded (see proxy.HOP_B
 
 from __future__ import annotations
 
+import functools
 import hmac
 import posixpath
 import re
-from collections.abc import Awaitable, Callable
 from urllib.parse import unquote
 
 from aiohttp import web
 
-from daemon.runtime import RUNTIME
+from daemon.runtime import RUNTIME, Runtime
 
 MANAGEMENT = frozenset({"/api/pull", "/api/push", "/api/create", "/api/delete", "/api/copy"})
 OPEN = frozenset({"/", "/healthz", "/readyz", "/metrics"})
 _SLASHES = re.compile(r"/+")
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-
+@functools.lru_cache(maxsize=1024)
 def normalise(raw_path: str) -> str:
     path = raw_path.split("?", 1)[0].split("#", 1)[0]
     for _ in range(4):  # %252F → %2F → /
@@ -41,18 +40,19 @@ def is_management(path: str) -> bool:
     return path in MANAGEMENT or path == "/api/blobs" or path.startswith("/api/blobs/")
 
 
-def _bearer(request: web.Request) -> str | None:
+def _bearer(request: web.Request) -> bytes | None:
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    token = token.strip()
+    return token.encode() if token and scheme.lower() == "bearer" else None
 
 
-def _matches(token: str | None, secrets: list[str]) -> bool:
+def _matches(token: bytes | None, secrets: tuple[bytes, ...]) -> bool:
     if token is None:
         return False
     # Compare against every key, so timing says nothing about which one matched.
     found = False
     for secret in secrets:
-        found |= hmac.compare_digest(token.encode(), secret.encode())
+        found |= hmac.compare_digest(token, secret)
     return found
 
 
@@ -61,41 +61,39 @@ def _error(status: int, message: str, **headers: str) -> web.Response:
 
 
 def is_admin(request: web.Request) -> bool:
-    admin = request.app[RUNTIME].settings.admin_token
-    return admin is not None and _matches(_bearer(request), [admin.get_secret_value()])
+    admin = request.app[RUNTIME].admin_token
+    return admin is not None and _matches(_bearer(request), (admin,))
 
 
-@web.middleware
-async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+def check(request: web.Request, runtime: Runtime) -> web.Response | None:
+    """The refusal for a request that may not proceed, or None to let it through."""
     path = normalise(request.raw_path)
     if path in OPEN:
-        return await handler(request)
-    settings = request.app[RUNTIME].settings
+        return None
     if is_management(path) or path == "/admin" or path.startswith("/admin/"):
-        if settings.admin_token is None:
+        if runtime.admin_token is None:
             return _error(403, "model management and /admin are disabled: set OLMD_ADMIN_TOKEN")
-        if not is_admin(request):
+        if not _matches(_bearer(request), (runtime.admin_token,)):
             return _error(403, "this route needs the admin token")
-        return await handler(request)
-    keys = [k.get_secret_value() for k in settings.api_keys]
-    if keys and not (_matches(_bearer(request), keys) or is_admin(request)):
-        return _error(
-            401, "missing or invalid API key", **{"WWW-Authenticate": 'Bearer realm="olmd"'}
-        )
-    return await handler(request)
+        return None
+    keys = runtime.api_keys
+    if keys:
+        token = _bearer(request)
+        admin = (runtime.admin_token,) if runtime.admin_token is not None else ()
+        if not (_matches(token, keys) or _matches(token, admin)):
+            return _error(
+                401, "missing or invalid API key", **{"WWW-Authenticate": 'Bearer realm="olmd"'}
+            )
+    return None
 
 
-@web.middleware
-async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Ollama's error shape for the errors aiohttp raises itself (404, 405, 413, ...)."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400 or exc.content_type == "application/json":
-            raise
-        message = exc.reason.lower()
-        if exc.status == 413:
-            limit = request.app[RUNTIME].settings.server.max_body_bytes
-            message = f"request body larger than the limit of {limit} bytes"
-        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
-        return _error(exc.status, message, **headers)
+def as_json(exc: web.HTTPException, runtime: Runtime) -> web.Response | None:
+    """Ollama's error shape for an error aiohttp raised itself (404, 405, 413, ...)."""
+    if exc.status < 400 or exc.content_type == "application/json":
+        return None
+    message = exc.reason.lower()
+    if exc.status == 413:
+        limit = runtime.settings.server.max_body_bytes
+        message = f"request body larger than the limit of {limit} bytes"
+    headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+    return _error(exc.status, message, **headers)

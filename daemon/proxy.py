@@ -90,6 +90,7 @@ class Proxy:
         self.metrics = metrics
         self.active = 0
         self.retrying = 0
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.configure(routing)
 
     def configure(self, routing: RoutingSettings) -> None:
@@ -97,6 +98,16 @@ class Proxy:
         self.timeout = aiohttp.ClientTimeout(
             total=routing.total_timeout or None, sock_connect=routing.connect_timeout
         )
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, remembered: labels() validates and locks each call."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            if len(self._children) > 50_000:  # label sets are bounded; this is a backstop
+                self._children.clear()
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def _retry_allowed(self) -> bool:
         # Envoy-style retry budget: retries in flight stay under a share of requests in
@@ -173,11 +184,11 @@ class Proxy:
             headers=_forward_headers(request),
             timeout=self.timeout,
         ) as upstream:
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            for name, value in upstream.headers.items():
-                if name.lower() not in _SKIP_RESPONSE:
-                    response.headers.add(name, value)
-            response.headers["X-Olmd-Node"] = node.name
+            response = web.StreamResponse(
+                status=upstream.status,
+                reason=upstream.reason,
+                headers=_response_headers(upstream, node),
+            )
             await response.prepare(request)
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
@@ -220,8 +231,17 @@ class Proxy:
             raise _Retry(
                 "connect", error(502, f"node {node.name} unreachable", **node_header)
             ) from None
-        ttfb = time.monotonic() - started
-        self.metrics.ttfb.labels(endpoint.path).observe(ttfb)
+        self._child(self.metrics.ttfb, endpoint.path).observe(time.monotonic() - started)
+        if upstream.content.at_eof():
+            # The whole body came with the first read (a non-streamed answer): answer in
+            # one write, without the streaming machinery.
+            headers = _response_headers(upstream, node)
+            upstream.release()
+            self.fleet.request_ok(node, time.monotonic())
+            self._observe(node, endpoint, key, upstream.status, started, first)
+            return web.Response(
+                body=first, status=upstream.status, reason=upstream.reason, headers=headers
+            )
         return await self._relay(request, node, endpoint, upstream, first, key, started)
 
     async def _refused(
@@ -260,15 +280,14 @@ class Proxy:
         key: str,
         started: float,
     ) -> web.StreamResponse:
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        for name, value in upstream.headers.items():
-            if name.lower() not in _SKIP_RESPONSE:
-                response.headers.add(name, value)
-        response.headers["X-Olmd-Node"] = node.name
+        response = web.StreamResponse(
+            status=upstream.status,
+            reason=upstream.reason,
+            headers=_response_headers(upstream, node),
+        )
         if upstream.content_length is not None:
             response.content_length = upstream.content_length
-        content_type = upstream.headers.get("Content-Type", "")
-        sse = content_type.startswith("text/event-stream")
+        sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
         loop = asyncio.get_running_loop()
         status = upstream.status
         prev, tail = b"", first
@@ -295,7 +314,7 @@ class Proxy:
             detail = "idle timeout" if isinstance(exc, TimeoutError) else "stream cut"
             kind = FailureKind.TIMEOUT if isinstance(exc, TimeoutError) else FailureKind.CONNECT
             self._failed(node, kind, detail)
-            self.metrics.stream_errors.labels(node.name).inc()
+            self._child(self.metrics.stream_errors, node.name).inc()
             await _final_error(response, sse, f"node {node.name}: {detail}")
             status = 599  # recorded as a failed stream in metrics
         except asyncio.CancelledError:
@@ -303,7 +322,7 @@ class Proxy:
             raise
         finally:
             upstream.release()
-        self._observe(node, endpoint, key, status, started, prev + tail, sse)
+        self._observe(node, endpoint, key, status, started, prev + tail)
         return response
 
     def _client_gone(
@@ -311,33 +330,26 @@ class Proxy:
     ) -> web.StreamResponse:
         # Closing the node's connection is what stops the GPU generating.
         upstream.close()
-        self.metrics.upstream_cancelled.labels(node.name).inc()
+        self._child(self.metrics.upstream_cancelled, node.name).inc()
         return response
 
     def _failed(self, node: Node, kind: FailureKind, detail: str) -> None:
         self.fleet.request_failed(node, time.monotonic(), kind, detail)
 
     def _observe(
-        self,
-        node: Node,
-        endpoint: Endpoint,
-        key: str,
-        status: int,
-        started: float,
-        tail: bytes,
-        sse: bool,
+        self, node: Node, endpoint: Endpoint, key: str, status: int, started: float, tail: bytes
     ) -> None:
-        metrics = self.metrics
-        metrics.requests.labels(node.name, key, endpoint.path, str(status)).inc()
-        metrics.latency.labels(endpoint.path).observe(time.monotonic() - started)
-        usage = usage_from_tail(tail, sse)
+        metrics, child = self.metrics, self._child
+        child(metrics.requests, node.name, key, endpoint.path, str(status)).inc()
+        child(metrics.latency, endpoint.path).observe(time.monotonic() - started)
+        usage = usage_from_tail(tail)
         if usage is None:
             return
         prompt, generated, eval_ns = usage
-        metrics.tokens.labels(node.name, key, "in").inc(prompt)
-        metrics.tokens.labels(node.name, key, "out").inc(generated)
+        child(metrics.tokens, node.name, key, "in").inc(prompt)
+        child(metrics.tokens, node.name, key, "out").inc(generated)
         if eval_ns > 0 and generated > 0:
-            metrics.tokens_per_second.labels(key).observe(generated / (eval_ns / 1e9))
+            child(metrics.tokens_per_second, key).observe(generated / (eval_ns / 1e9))
 
 
 class _Final(Exception):
@@ -370,6 +382,14 @@ class _IdleGuard:
 
     def cancel(self) -> None:
         self._handle.cancel()
+
+
+def _response_headers(upstream: aiohttp.ClientResponse, node: Node) -> CIMultiDict[str]:
+    headers: CIMultiDict[str] = CIMultiDict(
+        (k, v) for k, v in upstream.headers.items() if k.lower() not in _SKIP_RESPONSE
+    )
+    headers["X-Olmd-Node"] = node.name
+    return headers
 
 
 def _forward_headers(request: web.Request) -> CIMultiDict[str]:
@@ -417,32 +437,30 @@ async def _final_error(response: web.StreamResponse, sse: bool, message: str) ->
         pass
 
 
-def usage_from_tail(tail: bytes, sse: bool) -> tuple[int, int, int] | None:
+def _count_after(data: bytes, field: bytes) -> int | None:
+    at = data.rfind(field)
+    if at < 0:
+        return None
+    start = end = at + len(field)
+    while end < len(data) and 48 <= data[end] <= 57:  # ASCII digits
+        end += 1
+    return int(data[start:end]) if end > start else None
+
+
+def usage_from_tail(tail: bytes) -> tuple[int, int, int] | None:
     """(prompt tokens, generated tokens, eval nanoseconds) from a response's last bytes.
 
     Ollama puts the counts in its final chunk (``done: true``); the OpenAI-compatible
-    routes put ``usage`` in the last object before ``[DONE]``.
+    routes put ``usage`` in the last object before ``[DONE]``. Found by searching, not by
+    parsing: Ollama's final generate chunk also carries ``context``, thousands of token
+    ids long. Only these keys' exact spelling matches (``"eval_count":`` cannot match
+    inside ``"prompt_eval_count":``, nor inside an escaped string).
     """
-    for raw in reversed(tail.split(b"\n")):
-        line = raw.strip()
-        if sse:
-            if not line.startswith(b"data:"):
-                continue
-            line = line[5:].strip()
-        if not line.startswith(b"{") or not (b'"eval_count"' in line or b'"usage"' in line):
-            continue
-        try:
-            data = json.loads(line)
-        except ValueError:
-            return None
-        if not isinstance(data, dict):
-            return None
-        if isinstance(data.get("usage"), dict):
-            usage = data["usage"]
-            return int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)), 0
-        return (
-            int(data.get("prompt_eval_count", 0)),
-            int(data.get("eval_count", 0)),
-            int(data.get("eval_duration", 0)),
-        )
+    generated = _count_after(tail, b'"eval_count":')
+    if generated is not None:
+        prompt = _count_after(tail, b'"prompt_eval_count":') or 0
+        return prompt, generated, _count_after(tail, b'"eval_duration":') or 0
+    completion = _count_after(tail, b'"completion_tokens":')
+    if completion is not None:
+        return _count_after(tail, b'"prompt_tokens":') or 0, completion, 0
     return None

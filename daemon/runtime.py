@@ -37,6 +37,15 @@ class Runtime:
     on_reload: list[ReloadHook] = field(default_factory=list)
     liveness: list[LivenessCheck] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self._credentials(self.settings)
+
+    def _credentials(self, settings: Settings) -> None:
+        # Prepared once per settings load, not per request.
+        self.api_keys = tuple(k.get_secret_value().encode() for k in settings.api_keys)
+        token = settings.admin_token
+        self.admin_token = token.get_secret_value().encode() if token is not None else None
+
     def set_phase(self, phase: Phase) -> None:
         self.phase = phase
         self.metrics.ready.set(1 if phase is Phase.READY else 0)
@@ -48,6 +57,7 @@ class Runtime:
     async def apply(self, settings: Settings) -> None:
         """Swap in validated settings; each component adopts them without dropping requests."""
         self.settings = settings
+        self._credentials(settings)
         for hook in self.on_reload:
             await hook(settings)
 
