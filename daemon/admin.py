@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from pydantic import ValidationError
 
 from daemon.gateway import GATEWAY, Gateway
+from daemon.guard import is_admin
 from daemon.logs import get_logger
 from daemon.sync import SYNC, SyncOptions
 
@@ -66,9 +68,22 @@ async def sync_status(request: web.Request) -> web.Response:
     return web.json_response(request.app[SYNC].status())
 
 
+Handler = Callable[[web.Request], Awaitable[web.Response]]
+
+
+def _admin_only(handler: Handler) -> Handler:
+    # The front door refuses first; this holds even if a route slipped past its rules.
+    async def checked(request: web.Request) -> web.Response:
+        if not is_admin(request):
+            return web.json_response({"error": "this route needs the admin token"}, status=403)
+        return await handler(request)
+
+    return checked
+
+
 def add_routes(app: web.Application) -> None:
-    app.router.add_get("/admin/nodes", list_nodes)
-    app.router.add_post("/admin/nodes/{name}/drain", drain)
-    app.router.add_post("/admin/nodes/{name}/undrain", undrain)
-    app.router.add_post("/admin/sync", start_sync)
-    app.router.add_get("/admin/sync", sync_status)
+    app.router.add_get("/admin/nodes", _admin_only(list_nodes))
+    app.router.add_post("/admin/nodes/{name}/drain", _admin_only(drain))
+    app.router.add_post("/admin/nodes/{name}/undrain", _admin_only(undrain))
+    app.router.add_post("/admin/sync", _admin_only(start_sync))
+    app.router.add_get("/admin/sync", _admin_only(sync_status))

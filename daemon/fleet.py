@@ -52,8 +52,6 @@ class Node:
     probed_at: float | None = None
     # Models a node answered 404 for since its last probe: skipped until the next one.
     missing: set[str] = field(default_factory=set)
-    # Set once the node left the table (a reload); it finishes its in-flight work.
-    retired: bool = False
 
     @property
     def name(self) -> str:
@@ -114,9 +112,6 @@ class Fleet:
                 node = Node(config=config, health=NodeHealth(policy=self.policy))
                 table[config.name] = node
                 fresh.append(node)
-        for name, old in self._nodes.items():
-            if table.get(name) is not old:
-                old.retired = True
         self._nodes = table
         return fresh
 

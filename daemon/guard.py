@@ -67,7 +67,9 @@ def is_admin(request: web.Request) -> bool:
 
 def check(request: web.Request, runtime: Runtime) -> web.Response | None:
     """The refusal for a request that may not proceed, or None to let it through."""
-    path = normalise(request.raw_path)
+    # rel_url, not raw_path: an absolute-form request line ("GET http://h/admin HTTP/1.1")
+    # has the whole URL in raw_path, while the router matches rel_url's path.
+    path = normalise(request.rel_url.raw_path)
     if path in OPEN:
         return None
     if is_management(path) or path == "/admin" or path.startswith("/admin/"):

@@ -1,9 +1,10 @@
 """Active health checks: every node, every ``probe_interval``, with bounded concurrency.
 
 A probe is ``GET /api/version``, ``/api/tags`` and ``/api/ps`` within ``health_timeout``.
-Nodes out of rotation or part-way through a rise or fall count are probed four times as
-often, so a node that comes back is in rotation within one interval. One bad probe never
-stops the loop.
+Each node has its own schedule, so a node that times out delays nobody else. Nodes out
+of rotation or part-way through a rise or fall count are probed four times as often, so a
+node that comes back is in rotation within one interval. One bad probe never stops the
+loop.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ class Prober:
         self.fleet = fleet
         self.session = session
         self.clock = clock
-        self.rounds = 0
         self._due: dict[str, float] = {}
+        self._running: dict[str, asyncio.Task[None]] = {}
         self._task: asyncio.Task[None] | None = None
         self.configure(settings)
 
@@ -84,31 +85,42 @@ class Prober:
         return False
 
     async def probe_all(self) -> None:
+        """Probe every node once, now (start-up, tests)."""
         nodes = list(self.fleet)
         await asyncio.gather(*(self.probe(n) for n in nodes))
         now = self.clock()
         for node in nodes:
             self._due[node.name] = now + self.interval
-        self.rounds += 1
+
+    def _next_due(self, node: Node, now: float) -> float:
+        # A node out of rotation, or counting towards rise or fall, is checked again
+        # soon: a node that comes back is in rotation well within one interval, and a
+        # failing one is confirmed down quickly.
+        soon = node.health.in_transition or not node.health.is_routable(now)
+        return now + (self.interval / 4 if soon else self.interval)
+
+    async def _probe_one(self, node: Node) -> None:
+        try:
+            await self.probe(node)
+        except Exception as exc:  # a bug in one probe must not stop the others
+            log.error("probe_crashed", node=node.name, error=repr(exc))
+        finally:
+            self._running.pop(node.name, None)
+            self._due[node.name] = self._next_due(node, self.clock())
 
     async def _run(self) -> None:
+        # Each node on its own schedule: a node that times out delays only itself.
         while True:
             now = self.clock()
-            due = [n for n in self.fleet if self._due.get(n.name, 0.0) <= now]
-            if due:
-                results = await asyncio.gather(
-                    *(self.probe(n) for n in due), return_exceptions=True
-                )
-                now = self.clock()
-                for node, result in zip(due, results, strict=True):
-                    if isinstance(result, BaseException):
-                        log.error("probe_crashed", node=node.name, error=repr(result))
-                    # A node out of rotation, or counting towards rise or fall, is checked
-                    # again soon: a node that comes back is in rotation well within one
-                    # interval, and a failing one is confirmed down quickly.
-                    soon = node.health.in_transition or not node.health.is_routable(now)
-                    self._due[node.name] = now + (self.interval / 4 if soon else self.interval)
-                self.rounds += 1
+            names = set()
+            for node in self.fleet:
+                names.add(node.name)
+                if node.name not in self._running and self._due.get(node.name, 0.0) <= now:
+                    self._running[node.name] = asyncio.create_task(
+                        self._probe_one(node), name=f"olmd-probe-{node.name}"
+                    )
+            for gone in set(self._due) - names:
+                del self._due[gone]
             await asyncio.sleep(min(0.25, self.interval / 4))
 
     def start(self) -> None:
@@ -118,11 +130,14 @@ class Prober:
         return self._task is not None and not self._task.done()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        tasks = [t for t in (self._task, *self._running.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task
+        self._task = None
+        self._running.clear()
 
 
 def _entries(payload: Any) -> list[dict[str, Any]]:

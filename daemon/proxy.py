@@ -46,6 +46,8 @@ HOP_BY_HOP = frozenset(
 # Response headers not copied: hop-by-hop, and those aiohttp sets itself.
 _SKIP_RESPONSE = frozenset({*HOP_BY_HOP, "date", "server"})
 _ERROR_BODY_LIMIT = 64 * 1024
+# Recorded for a client that left before its answer ended (nginx's convention).
+CLIENT_GONE = 499
 
 
 def json_error(status: int, message: str, **headers: str) -> web.Response:
@@ -65,6 +67,7 @@ class Endpoint:
     path: str
     upstream: str
     openai: bool = False
+    streams: bool = False  # answers stream unless the body says otherwise
 
 
 class _Retry(Exception):
@@ -135,6 +138,16 @@ class Proxy:
         upstream = endpoint.upstream
         if upstream == "embeddings":  # the wrapper route takes either body form
             upstream = "/api/embed" if "input" in payload else "/api/embeddings"
+        if endpoint.streams:
+            default = not endpoint.openai  # Ollama streams by default, OpenAI does not
+            streaming = payload.get("stream", default) is not False
+        else:
+            streaming = False
+        # A non-streamed answer arrives whole after the generation: its first byte may
+        # legitimately come long after a streamed one's would.
+        wait = self.routing.first_byte_timeout
+        if not streaming:
+            wait = max(wait, self.routing.non_streaming_timeout)
         headers = _forward_headers(request)
         tried: list[str] = []
         last: web.Response | None = None
@@ -145,6 +158,7 @@ class Proxy:
                     node = await self.router.acquire(key, exclude=tried)
                 except NoNode as exc:
                     if last is not None and exc.status == 404:
+                        self._count(node, key, endpoint, last.status)
                         return last  # every node holding the model was tried
                     self.metrics.rejected.labels(endpoint.path, str(exc.status)).inc()
                     extra = {"Retry-After": str(int(exc.retry_after))} if exc.retry_after else {}
@@ -155,17 +169,16 @@ class Proxy:
                     self.retrying += 1
                 try:
                     return await self._attempt(
-                        request, node, endpoint, upstream, body, headers, key, started
+                        request, node, endpoint, upstream, body, headers, key, started, wait
                     )
                 except _Final as final:
-                    self.metrics.requests.labels(
-                        node.name, key, endpoint.path, str(final.response.status)
-                    ).inc()
+                    self._count(node, key, endpoint, final.response.status)
                     return final.response
                 except _Retry as failed:
                     last = failed.response
                     out_of_attempts = len(tried) >= self.routing.max_attempts
                     if out_of_attempts or not self._retry_allowed():
+                        self._count(node, key, endpoint, failed.response.status)
                         return failed.response
                     self.metrics.failovers.labels(endpoint.path, failed.reason).inc()
                 finally:
@@ -177,6 +190,13 @@ class Proxy:
 
     async def pass_through(self, request: web.Request, node: Node) -> web.StreamResponse:
         """Forward a request as it is (method, path, query, streamed body) to one node."""
+        try:
+            return await self._pass_through(request, node)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            detail = str(exc) or type(exc).__name__
+            return json_error(502, f"node {node.name}: {detail}", **{"X-Olmd-Node": node.name})
+
+    async def _pass_through(self, request: web.Request, node: Node) -> web.StreamResponse:
         async with self.session.request(
             request.method,
             node.url + request.path_qs,
@@ -205,12 +225,12 @@ class Proxy:
         headers: Mapping[str, str],
         key: str,
         started: float,
+        wait: float,
     ) -> web.StreamResponse:
         error = openai_error if endpoint.openai else json_error
-        routing = self.routing
         node_header = {"X-Olmd-Node": node.name}
         try:
-            async with asyncio.timeout(routing.first_byte_timeout):
+            async with asyncio.timeout(wait):
                 upstream = await self.session.post(
                     node.url + upstream_path, data=body, headers=headers, timeout=self.timeout
                 )
@@ -254,8 +274,8 @@ class Proxy:
     ) -> None:
         """Decide about an error status before anything reached the client.
 
-        Raises _Retry when another node should be tried; returns when the answer (a 400,
-        or a 404 that is not about the model) is the client's to see.
+        Raises _Retry when another node should be tried, _Final when the answer (a 400, or
+        a 404 that is not about the model) is the client's to see.
         """
         status = upstream.status
         text = (await upstream.content.read(_ERROR_BODY_LIMIT)).decode("utf-8", "replace")
@@ -299,15 +319,17 @@ class Proxy:
                 guard = _IdleGuard(loop, deadline, self.routing.idle_timeout)
                 try:
                     async for chunk in upstream.content.iter_any():
-                        guard.last = loop.time()
                         prev, tail = tail, chunk
+                        guard.last = None  # a slow client is not an idle node
                         await response.write(chunk)
+                        guard.last = loop.time()
                 finally:
                     guard.cancel()
             self.fleet.request_ok(node, time.monotonic())
             await response.write_eof()
         except ConnectionResetError:
             # Raised by our writes (aiohttp's ClientConnectionResetError): the client left.
+            self._count(node, key, endpoint, CLIENT_GONE)
             return self._client_gone(node, upstream, response)
         except (TimeoutError, aiohttp.ClientError) as exc:
             upstream.close()
@@ -318,6 +340,7 @@ class Proxy:
             await _final_error(response, sse, f"node {node.name}: {detail}")
             status = 599  # recorded as a failed stream in metrics
         except asyncio.CancelledError:
+            self._count(node, key, endpoint, CLIENT_GONE)
             self._client_gone(node, upstream, response)
             raise
         finally:
@@ -333,6 +356,9 @@ class Proxy:
         self._child(self.metrics.upstream_cancelled, node.name).inc()
         return response
 
+    def _count(self, node: Node, key: str, endpoint: Endpoint, status: int) -> None:
+        self._child(self.metrics.requests, node.name, key, endpoint.path, str(status)).inc()
+
     def _failed(self, node: Node, kind: FailureKind, detail: str) -> None:
         self.fleet.request_failed(node, time.monotonic(), kind, detail)
 
@@ -340,7 +366,7 @@ class Proxy:
         self, node: Node, endpoint: Endpoint, key: str, status: int, started: float, tail: bytes
     ) -> None:
         metrics, child = self.metrics, self._child
-        child(metrics.requests, node.name, key, endpoint.path, str(status)).inc()
+        self._count(node, key, endpoint, status)
         child(metrics.latency, endpoint.path).observe(time.monotonic() - started)
         usage = usage_from_tail(tail)
         if usage is None:
@@ -370,12 +396,14 @@ class _IdleGuard:
         self.loop = loop
         self.deadline = deadline
         self.idle = idle
-        self.last = loop.time()
+        self.last: float | None = loop.time()
         self._handle = loop.call_at(self.last + idle, self._check)
 
     def _check(self) -> None:
         now = self.loop.time()
-        if now - self.last >= self.idle:
+        if self.last is None:  # waiting on the client's pace, not the node's
+            self._handle = self.loop.call_at(now + self.idle, self._check)
+        elif now - self.last >= self.idle:
             self.deadline.reschedule(now)
         else:
             self._handle = self.loop.call_at(self.last + self.idle, self._check)

@@ -55,11 +55,17 @@ class Router:
         self._wake()  # a raised cap or new nodes may serve queued requests now
 
     def candidates(self, key: str, exclude: Collection[str] = ()) -> list[Node]:
-        """Nodes that may serve ``key`` now, ignoring the in-flight cap."""
+        """Nodes that may serve ``key`` now, ignoring the in-flight cap.
+
+        Raises NoNode (503) when nodes hold the model but all of them are draining.
+        """
         now = self.clock()
         holders = [n for n in self.fleet if n.holds(key) and n.name not in exclude]
         selection = select_routable(holders, now, self.fleet.policy)
         self.fleet.panic = selection.panic
+        if holders and not selection.nodes:
+            # Not a 404: Ollama clients take that as "pull the model".
+            raise NoNode(503, f"every node holding {key!r} is draining", retry_after=5)
         return list(selection.nodes)
 
     def _pick(self, key: str, exclude: Collection[str]) -> Node | None:

@@ -13,17 +13,17 @@ from daemon.guard import is_admin
 from daemon.proxy import Endpoint, json_error
 
 ENDPOINTS = (
-    Endpoint("/api/generate", "/api/generate"),
-    Endpoint("/api/chat", "/api/chat"),
+    Endpoint("/api/generate", "/api/generate", streams=True),
+    Endpoint("/api/chat", "/api/chat", streams=True),
     Endpoint("/api/embed", "/api/embed"),
     Endpoint("/api/embeddings", "/api/embeddings"),
     Endpoint("/api/show", "/api/show"),
-    Endpoint("/v1/chat/completions", "/v1/chat/completions", openai=True),
-    Endpoint("/v1/completions", "/v1/completions", openai=True),
+    Endpoint("/v1/chat/completions", "/v1/chat/completions", openai=True, streams=True),
+    Endpoint("/v1/completions", "/v1/completions", openai=True, streams=True),
     Endpoint("/v1/embeddings", "/v1/embeddings", openai=True),
     # The deployment guide's wrapper routes: same bodies and answers as the native ones.
-    Endpoint("/api/v1/llm/generate", "/api/generate"),
-    Endpoint("/api/v1/llm/chat", "/api/chat"),
+    Endpoint("/api/v1/llm/generate", "/api/generate", streams=True),
+    Endpoint("/api/v1/llm/chat", "/api/chat", streams=True),
     Endpoint("/api/v1/llm/embeddings", "embeddings"),  # /api/embed or /api/embeddings by body
 )
 

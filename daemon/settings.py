@@ -111,6 +111,7 @@ class RoutingSettings(Section):
     retry_budget_percent: int = Field(default=20, ge=0, le=100)
     connect_timeout: Seconds = 5.0
     first_byte_timeout: Seconds = 300.0
+    non_streaming_timeout: Seconds = 1800.0
     idle_timeout: Seconds = 120.0
     total_timeout: float = Field(default=0, ge=0)  # 0: none
 

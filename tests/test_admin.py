@@ -91,8 +91,10 @@ async def test_drain_and_undrain_a_node(nodes, tmp_path: Path, monkeypatch) -> N
         generate = str(server.make_url("/api/generate"))
         body = {"model": "llama3.1:8b", "prompt": "x", "stream": False}
         async with http.post(generate, json=body) as response:
-            # a was the only holder: draining leaves no node for the model.
-            assert response.status == 404
+            # a was the only holder: draining leaves no node for the model, for now.
+            assert response.status == 503
+            assert response.headers["Retry-After"] == "5"
+            assert "draining" in (await response.json())["error"]
         async with http.post(str(server.make_url("/admin/nodes/a/undrain")), headers=ADMIN) as r:
             assert (await r.json())["state"] == "healthy"
         async with http.post(generate, json=body) as response:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
@@ -306,9 +307,11 @@ async def test_all_nodes_failing_gives_a_clear_error(three) -> None:
         emu.state.update({"fault": "http500"})
     async with running_olmd(settings_dict(three)) as server, aiohttp.ClientSession() as http:
         status, node, data = await post(http, server, "/api/generate", GENERATE)
+        metrics = await (await fetch(http, "GET", url(server, "/metrics"))).text()
     assert status == 500 and node in ("a", "b") and data["error"]
     total = sum(emu.state.stats.requests.get("/api/generate", 0) for _, _, emu in three)
     assert total == 2  # each holder tried once, no more
+    assert 'code="500",endpoint="/api/generate"' in metrics  # the failure is counted
 
 
 async def test_in_flight_cap_queues_then_503_with_retry_after(three) -> None:
@@ -321,6 +324,8 @@ async def test_in_flight_cap_queues_then_503_with_retry_after(three) -> None:
         )
     statuses = sorted(status for status, _, _ in results)
     assert statuses == [200, 200, 200, 503]  # two run, one waits for a slot, one is turned away
+    [refused] = [body for status, _, body in results if status == 503]
+    assert "capacity" in refused["error"]
     assert max(emu.state.stats.max_in_flight for _, _, emu in three) == 1
 
 
@@ -458,3 +463,125 @@ async def test_metrics_count_requests_tokens_and_node_state(three) -> None:
     assert "olmd_time_to_first_byte_seconds_bucket" in text
     assert "olmd_generation_tokens_per_second_count" in text
     assert 'olmd_node_models{node="a"} 2.0' in text
+
+
+async def _raw_request(port: int, request_line: str, headers: str = "") -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(
+            f"{request_line}\r\nHost: x\r\n{headers}Content-Length: 2\r\n"
+            "Connection: close\r\n\r\n{}".encode()
+        )
+        await writer.drain()
+        data = await reader.read()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    status = int(data.split(b" ", 2)[1])
+    return status, data
+
+
+async def test_absolute_form_request_lines_are_judged_like_paths(
+    three, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pathlib
+
+    from daemon.settings import load_settings
+    from tests.helpers import write_settings
+
+    monkeypatch.setenv("OLMD_ADMIN_TOKEN", "admin-token-0001")
+    path = write_settings(pathlib.Path("s.toml"), settings_dict(three))
+    async with running_olmd(load_settings(path)) as server:
+        port = server.port
+        for line in (
+            "GET http://x/admin/nodes HTTP/1.1",
+            "POST http://x/admin/nodes/a/drain HTTP/1.1",
+            "POST http://x/admin/sync HTTP/1.1",
+            "POST http://x/api/pull HTTP/1.1",
+            "POST http://x//api/./pull HTTP/1.1",
+        ):
+            status, _ = await _raw_request(port, line, "Authorization: Bearer wrong\r\n")
+            assert status == 403, line
+        assert server.app[GATEWAY].fleet.get("a").health.draining is False
+        status, body = await _raw_request(
+            port, "GET http://x/admin/nodes HTTP/1.1", "Authorization: Bearer admin-token-0001\r\n"
+        )
+        assert status == 200
+        assert b'"nodes"' in body
+
+
+async def test_management_with_a_wrong_token_or_a_dead_node(three, monkeypatch) -> None:
+    import pathlib
+
+    from daemon.settings import load_settings
+    from tests.helpers import write_settings
+
+    monkeypatch.setenv("OLMD_ADMIN_TOKEN", "admin-token-0001")
+    path = write_settings(pathlib.Path("s.toml"), settings_dict(three))
+    async with running_olmd(load_settings(path)) as server, aiohttp.ClientSession() as http:
+        for method, route in MANAGEMENT:
+            headers = {"Authorization": "Bearer admin-token-0002", "X-Olmd-Node": "a"}
+            target = url(server, "/") + route.lstrip("/")
+            response = await fetch(http, method, target, headers=headers)
+            assert response.status in (403, 404), route  # 404: an unroutable spelling
+        await three[1][2].stop()
+        admin = {"Authorization": "Bearer admin-token-0001", "X-Olmd-Node": "b"}
+        async with http.post(url(server, "/api/pull"), json={"model": "x"}, headers=admin) as r:
+            assert r.status == 502
+            assert "node b" in (await r.json())["error"]
+    for _, _, emu in three[:1]:
+        assert emu.state.stats.requests.get("/api/pull", 0) == 0
+
+
+async def test_a_timing_out_node_does_not_delay_the_others_probes(three) -> None:
+    # A node that accepts connections and never answers: each probe waits health_timeout.
+    writers: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        await reader.read()
+
+    silent_server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    silent_port = silent_server.sockets[0].getsockname()[1]
+    a = three[0][2]
+    data = settings_dict(three[:2], probe_interval=0.5)
+    data["services"]["ollama"]["health_timeout"] = 3.0
+    data["services"]["ollama"]["nodes"].append(
+        {"name": "silent", "host": "127.0.0.1", "port": silent_port}
+    )
+    try:
+        async with running_olmd(data) as server:
+            fleet = server.app[GATEWAY].fleet
+            await a.stop()
+            await eventually(lambda: fleet.get("a").health.down, timeout=5)
+            await a.start()
+            started = time.monotonic()
+            await eventually(lambda: fleet.get("a").health.is_routable(time.monotonic()), 3)
+            assert time.monotonic() - started < 0.5 + 0.2  # one interval, not health_timeout
+    finally:
+        for writer in writers:
+            writer.close()
+        silent_server.close()
+        await silent_server.wait_closed()
+
+
+async def test_a_long_non_streamed_answer_is_not_cut_by_the_first_byte_timeout(three) -> None:
+    a = three[0][2]
+    a.state.update({"tokens": 5, "token_delay": 0.15})  # streams at once, whole after 0.75 s
+    data = settings_dict(three[:1], first_byte_timeout=0.4, non_streaming_timeout=5)
+    async with running_olmd(data) as server, aiohttp.ClientSession() as http:
+        status, node, body = await post(http, server, "/api/generate", GENERATE)
+        assert (status, node) == (200, "a")
+        assert body["done"] is True
+        stream = {"model": MODEL, "prompt": "x"}
+        async with http.post(url(server, "/api/generate"), json=stream) as s:
+            assert s.status == 200
+            lines = (await s.content.read()).decode().splitlines()
+        assert json.loads(lines[-1])["done"] is True
+        a.state.update({"load_delay": 1.0})
+        await a.stop()
+        await a.start()  # nothing loaded: the next stream waits 1 s for its first byte
+        await server.app[GATEWAY].prober.probe_all()
+        async with http.post(url(server, "/api/generate"), json=stream) as s:
+            assert s.status == 504
+            assert "sent nothing in time" in (await s.json())["error"]
