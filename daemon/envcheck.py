@@ -125,8 +125,16 @@ def _ssh_target(settings: Settings, node: NodeSettings) -> tuple[str, int, Path,
         "config": None,  # as the sync: the settings decide, not ~/.ssh/config
     }
     if settings.ssh_key_path:
-        key = Path(settings.ssh_key_path.get_secret_value()).expanduser()
-        options["client_keys"] = [str(key)]  # given keys: asyncssh skips the agent
+        # Read here, not by asyncssh, so that no error message carries the key's path: it
+        # comes from the secrets. Given keys: asyncssh skips the agent.
+        path = Path(settings.ssh_key_path.get_secret_value()).expanduser()
+        try:
+            options["client_keys"] = [asyncssh.read_private_key(path)]
+        except (OSError, asyncssh.KeyImportError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+            raise EnvCheckError(
+                f"{node.name}: cannot read the SSH key (OLLAMA_SSH_KEY_PATH): {reason}"
+            ) from None
     return host, port, known_hosts, options
 
 

@@ -20,7 +20,6 @@ from prometheus_client import (
     Info,
     PlatformCollector,
     ProcessCollector,
-    disable_created_metrics,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -35,8 +34,6 @@ if TYPE_CHECKING:
     from daemon.sync_plan import SyncResult
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-# The *_created series double the exposition for no use in dashboards.
-disable_created_metrics()  # type: ignore[no-untyped-call]
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TPS_BUCKETS = (1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000)
 

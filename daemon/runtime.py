@@ -12,11 +12,14 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from daemon.logs import get_logger
 from daemon.metrics import Metrics
 from daemon.settings import Settings
 
 ReloadHook = Callable[[Settings], Awaitable[None]]
 LivenessCheck = Callable[[], bool]
+
+log = get_logger("olmd.runtime")
 
 
 class Phase(enum.StrEnum):
@@ -54,12 +57,23 @@ class Runtime:
         """True while every background component that registered a check is running."""
         return all(check() for check in self.liveness)
 
-    async def apply(self, settings: Settings) -> None:
-        """Swap in validated settings; each component adopts them without dropping requests."""
+    async def apply(self, settings: Settings) -> list[str]:
+        """Swap in validated settings; each component adopts them without dropping requests.
+
+        A component that fails to adopt them is logged and named in the returned list; the
+        others still get them.
+        """
         self.settings = settings
         self._credentials(settings)
+        failed = []
         for hook in self.on_reload:
-            await hook(settings)
+            try:
+                await hook(settings)
+            except Exception:
+                name = getattr(hook, "__qualname__", repr(hook))
+                log.exception("reload_hook_failed", hook=name)
+                failed.append(name)
+        return failed
 
 
 RUNTIME = web.AppKey("runtime", Runtime)

@@ -32,25 +32,59 @@ async def _watchdog(runtime: Runtime, notifier: Notifier, interval: float) -> No
         await asyncio.sleep(interval)
 
 
-async def reload(runtime: Runtime, loader: Loader, notifier: Notifier) -> bool:
+async def reload(runtime: Runtime, loader: Loader, notifier: Notifier, lock: asyncio.Lock) -> bool:
     """Re-read settings; on any error keep the running ones. True when applied."""
-    notifier.reloading()
-    try:
+    async with lock:  # two SIGHUPs in a row apply one after the other
+        notifier.reloading()
         try:
-            new = loader()
-        except SettingsError as exc:
-            runtime.metrics.reloads.set(0)
-            log.error("reload_refused", source=exc.source, problems=exc.problems)
-            return False
-        old = runtime.settings.server
-        if (new.server.host, new.server.port) != (old.host, old.port):
-            log.warning("reload_listen_unchanged", reason="a new listen address needs a restart")
-        await runtime.apply(new)
-        runtime.metrics.reloads.set(1)
-        log.info("reloaded", nodes=len(new.nodes()), strategy=new.routing.strategy)
-        return True
+            try:
+                new = loader()
+            except SettingsError as exc:
+                runtime.metrics.reloads.set(0)
+                log.error("reload_refused", source=exc.source, problems=exc.problems)
+                return False
+            if new.server != runtime.settings.server:
+                log.warning(
+                    "reload_server_unchanged",
+                    reason="[server] settings (listen address, drain timeout, body limit) "
+                    "take effect at the next restart",
+                )
+            failed = await runtime.apply(new)
+            runtime.metrics.reloads.set(0 if failed else 1)
+            if failed:
+                log.error("reload_incomplete", components=failed)
+                return False
+            log.info("reloaded", nodes=len(new.nodes()), strategy=new.routing.strategy)
+            return True
+        finally:
+            notifier.ready()
+
+
+async def _start(runner: web.AppRunner, stop: asyncio.Event) -> None:
+    """Start every component in order, unless a stop signal comes first."""
+    setup = asyncio.ensure_future(runner.setup())
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({setup, stopped}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        notifier.ready()
+        stopped.cancel()
+    if not setup.done():
+        setup.cancel()  # the components that started are stopped by runner.cleanup()
+        with contextlib.suppress(asyncio.CancelledError):
+            await setup
+        return
+    setup.result()
+
+
+def _announce(settings: Settings, port: int) -> None:
+    server = settings.server
+    log.info("listening", host=server.host, port=port, nodes=len(settings.nodes()))
+    if settings.api_keys:
+        return
+    if server.host in ("127.0.0.1", "::1", "localhost"):
+        log.info("no_api_keys", host=server.host, note="LLM routes are open to this machine only")
+    else:
+        log.warning("no_api_keys", host=server.host, note="LLM routes are open to anyone")
 
 
 async def serve(
@@ -75,9 +109,9 @@ async def serve(
         # while nothing is being written (a cold model load).
         handler_cancellation=True,
     )
-    await runner.setup()  # starts every component, in order
     stop = asyncio.Event()
     tasks: set[asyncio.Task[object]] = set()
+    reload_lock = asyncio.Lock()
     loop = asyncio.get_running_loop()
 
     def spawn(coro: Awaitable[object]) -> None:
@@ -85,27 +119,31 @@ async def serve(
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
+    # Before start-up, which may take up to health_timeout: a SIGTERM then still stops
+    # cleanly instead of killing the process.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     try:
-        site = web.TCPSite(runner, server.host, server.port, reuse_address=True)
-        await site.start()
-        port = _bound_port(runner) or server.port
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        if loader is not None:
-            loop.add_signal_handler(signal.SIGHUP, lambda: spawn(reload(runtime, loader, notifier)))
-        runtime.set_phase(Phase.READY)
-        if not settings.api_keys and server.host not in ("127.0.0.1", "::1", "localhost"):
-            log.warning("no_api_keys", host=server.host, reason="LLM routes are open to anyone")
-        log.info("listening", host=server.host, port=port, nodes=len(settings.nodes()))
-        notifier.ready(status=f"listening on {server.host}:{port}")
-        interval = watchdog_interval()
-        if interval and notifier.enabled:
-            spawn(_watchdog(runtime, notifier, interval))
-        if on_ready is not None:
-            result = on_ready(runtime, port)
-            if result is not None:
-                await result
-        await stop.wait()
+        await _start(runner, stop)
+        if not stop.is_set():
+            site = web.TCPSite(runner, server.host, server.port, reuse_address=True)
+            await site.start()
+            port = _bound_port(runner) or server.port
+            if loader is not None:
+                loop.add_signal_handler(
+                    signal.SIGHUP, lambda: spawn(reload(runtime, loader, notifier, reload_lock))
+                )
+            runtime.set_phase(Phase.READY)
+            _announce(settings, port)
+            notifier.ready(status=f"listening on {server.host}:{port}")
+            interval = watchdog_interval()
+            if interval and notifier.enabled:
+                spawn(_watchdog(runtime, notifier, interval))
+            if on_ready is not None:
+                result = on_ready(runtime, port)
+                if result is not None:
+                    await result
+            await stop.wait()
     finally:
         # Signals during the drain are noted, not fatal: systemd escalates with SIGKILL
         # after TimeoutStopSec if the drain overruns.

@@ -295,9 +295,12 @@ class Settings(BaseSettings):
         if ollama.nodes:
             return list(ollama.nodes)
         host = self.remote_host or ollama.host
+        # OLLAMA_REMOTE_HOST is a secret: it must not become a name that metrics, logs
+        # and X-Olmd-Node show.
+        name = "ollama" if self.remote_host else _node_name(host)
         return [
             NodeSettings(
-                name=_node_name(host),
+                name=name,
                 host=host,
                 port=self.remote_port or ollama.port,
                 scheme=ollama.scheme,

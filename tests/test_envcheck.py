@@ -349,3 +349,40 @@ async def test_home_relative_data_root_and_odd_output() -> None:
     checks = evaluate(facts, ReportSettings(), baseline=[], require_ollama=False)
     assert [c.status for c in checks] == [Status.FAIL, Status.FAIL, Status.WARN]
     assert checks[0].measured == "unknown"
+
+
+def test_unreadable_ssh_key_never_shows_its_path(tmp_path, monkeypatch) -> None:
+    import asyncio
+
+    from daemon import envcheck
+    from daemon.settings import Settings
+
+    known = tmp_path / "known_hosts"
+    known.write_text("")
+    secret = tmp_path / "very-secret-dir" / "id_olmd"
+    monkeypatch.setenv("OLLAMA_SSH_KEY_PATH", str(secret))
+    settings = Settings(
+        ssh={"known_hosts": str(known)},
+        services={"ollama": {"nodes": [{"name": "gpu-a", "host": "127.0.0.1", "ssh_port": 9}]}},
+    )
+
+    async def attempt() -> str:
+        try:
+            async with envcheck.ssh_runner(settings, settings.nodes()[0]):
+                pass
+        except envcheck.EnvCheckError as exc:
+            return str(exc)
+        return ""
+
+    message = asyncio.run(attempt())
+    assert "OLLAMA_SSH_KEY_PATH" in message
+    assert "very-secret-dir" not in message
+
+
+def test_secret_remote_host_is_not_the_node_name(monkeypatch) -> None:
+    from daemon.settings import load_settings
+
+    monkeypatch.setenv("OLLAMA_REMOTE_HOST", "gpu.internal.example")
+    [node] = load_settings().nodes()
+    assert node.host == "gpu.internal.example"
+    assert node.name == "ollama"

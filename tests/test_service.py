@@ -15,7 +15,7 @@ import pytest
 
 from daemon.emulator import Emulator, EmulatorConfig
 from tests.conftest import ROOT
-from tests.helpers import fetch, olmd_command, settings_dict, write_settings
+from tests.helpers import fetch, free_port, olmd_command, settings_dict, write_settings
 
 
 class NotifySocket:
@@ -174,3 +174,46 @@ def test_settings_error_exits_2_before_listening(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "server.port" in result.stderr
+
+
+async def test_sigterm_during_the_first_probe_round_stops_cleanly(
+    tmp_path: Path, notify: NotifySocket
+) -> None:
+    # A node that accepts and never answers keeps the first probe round busy.
+    writers: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        await reader.read()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    data = {
+        "server": {"host": "127.0.0.1", "port": free_port()},
+        "services": {
+            "ollama": {
+                "health_timeout": 20.0,
+                "nodes": [{"name": "silent", "host": "127.0.0.1", "port": port}],
+            }
+        },
+        "jobs": {"ollama_sync": {"enabled": False}},
+    }
+    config = write_settings(tmp_path / "settings.toml", data)
+    process = await start_daemon(config, notify)
+    try:
+        async with asyncio.timeout(20):
+            while not writers:  # the daemon is probing  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        await notify.wait_for("STOPPING=1")
+        code, err = await stop(process, signal_it=False)
+        assert code == 0
+        assert '"event": "listening"' not in err
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        for writer in writers:
+            writer.close()
+        server.close()
+        await server.wait_closed()
