@@ -229,25 +229,16 @@ def render_targets(targets: list[dict[str, Any]], reference: list[dict[str, Any]
     )
 
 
-def render_markdown(
-    meta: dict[str, Any],
+def render_tables(
     rows: list[list[str]],
     targets: list[dict[str, Any]],
     reference: list[dict[str, Any]],
     per_round: list[list[dict[str, Any]]],
-    profiles: dict[str, str],
-) -> str:
+    level: str = "##",
+) -> list[str]:
+    """The numbers and the targets as Markdown lines (results.md and the README)."""
     out = [
-        "# olmd proxy benchmark: latest results",
-        "",
-        f"Written by `bench/run.py` on {meta['date']}; every run overwrites this file "
-        "(bench/README.md explains the method).",
-        "",
-        "## Machine and run",
-        "",
-        *(f"- {key}: {value}" for key, value in meta.items() if key != "date"),
-        "",
-        f"## Numbers (median of {len(per_round)} round(s))",
+        f"{level} Numbers (median of {len(per_round)} round(s))",
         "",
         "| | " + " | ".join(COLUMNS) + " |",
         "|---|" + "---:|" * len(COLUMNS),
@@ -256,7 +247,7 @@ def render_markdown(
         "`aiohttp` is bench/bare_proxy.py, a bare aiohttp pass-through on uvloop: the floor "
         "for a Python proxy on this machine.",
         "",
-        "## Targets (olmd)",
+        f"{level} Targets (olmd)",
         "",
         "| target | goal | olmd | verdict | bare aiohttp (reference) |",
         "|---|---|---|---|---|",
@@ -273,9 +264,51 @@ def render_markdown(
             values = [r[i]["measured"] for r in per_round if len(r) > i]
             out.append(f"- {t['target']}: " + "; ".join(values))
         out.append("")
+    return out
+
+
+def render_markdown(
+    meta: dict[str, Any],
+    tables: list[str],
+    profiles: dict[str, str],
+) -> str:
+    out = [
+        "# olmd proxy benchmark: latest results",
+        "",
+        f"Written by `bench/run.py` on {meta['date']}; every run overwrites this file "
+        "(bench/README.md explains the method).",
+        "",
+        "## Machine and run",
+        "",
+        *(f"- {key}: {value}" for key, value in meta.items() if key != "date"),
+        "",
+        *tables,
+    ]
     for kind, summary in profiles.items():
         out += [f"## Profile of olmd under {kind} load (py-spy)", "", "```", summary, "```", ""]
     return "\n".join(out)
+
+
+README_START = "<!-- bench/run.py results: start -->"
+README_END = "<!-- bench/run.py results: end -->"
+
+
+def update_readme(path: Path, meta: dict[str, Any], tables: list[str]) -> bool:
+    """Replace the results between the README's markers; False if it has none."""
+    text = path.read_text() if path.exists() else ""
+    head, start, rest = text.partition(README_START)
+    _, end, tail = rest.partition(README_END)
+    if not start or not end:
+        return False
+    section = [
+        "",
+        f"Run of {meta['date']}: {meta['machine']}; {meta['other load on the machine']}. "
+        "Details, and py-spy profiles when run with `--profile`: [results.md](results.md).",
+        "",
+        *tables,
+    ]
+    path.write_text(head + start + "\n".join(section) + end + tail)
+    return True
 
 
 # ---------------------------------------------------------------- profiles

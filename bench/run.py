@@ -7,7 +7,8 @@ plain-proxy reference), a bare aiohttp pass-through (the floor for a Python prox
 olmd. Measures non-streaming requests/s and latency (wrk), streaming time to first byte
 and chunks/s (an aiohttp client), the proxies' CPU and olmd's resident memory. The load
 generator and the nodes share one core, the proxy under test gets the other. Prints a
-table and the ratios against the targets; writes bench/results.md and bench/results.json.
+table and the ratios against the targets; writes bench/results.md and bench/results.json,
+and (full runs only) the results section of bench/README.md.
 """
 
 from __future__ import annotations
@@ -227,7 +228,9 @@ def sanity_check(column: Column, requests: int = 6) -> None:
 # ---------------------------------------------------------------- measuring
 
 
-def post_load(url: str, concurrency: int, seconds: float, work: Path, cpu: int | None) -> Any:
+def post_load(
+    url: str, concurrency: int, seconds: float, work: Path, cpu: int | None
+) -> loadgen.PostResult:
     if loadgen.have_wrk():
         return loadgen.wrk_post(url, POST_BODY, concurrency, seconds, work, cpu)
     return loadgen.run_async(loadgen.python_post(url, POST_BODY, concurrency, seconds))
@@ -273,7 +276,7 @@ def profile_olmd(
     cpu: int | None,
 ) -> dict[str, str]:
     """py-spy stacks of olmd under both loads: an extra run, not part of the numbers."""
-    spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
     if spy is None:
         print("py-spy not found: `.venv/bin/pip install py-spy` for --profile")
         return {}
@@ -395,8 +398,12 @@ def run(args: argparse.Namespace, procs: Processes, work: Path) -> int:
     print(f"\n{noise}\n\n{report.render_text(rows)}\n\n{report.render_targets(targets, reference)}")
 
     args.out.mkdir(parents=True, exist_ok=True)
-    markdown = report.render_markdown(meta, rows, targets, reference, per_round, profiles)
-    (args.out / "results.md").write_text(markdown)
+    tables = report.render_tables(rows, targets, reference, per_round)
+    (args.out / "results.md").write_text(report.render_markdown(meta, tables, profiles))
+    if not args.quick and args.out == HERE:  # smoke runs do not replace the README's numbers
+        readme = report.render_tables(rows, targets, reference, per_round, level="###")
+        if report.update_readme(HERE / "README.md", meta, readme):
+            print(f"updated the results in {HERE / 'README.md'}")
     data = {
         **meta,
         "columns": {name: report.column_json(c) for name, c in columns.items()},

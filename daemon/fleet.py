@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from daemon.domain import CooldownPolicy, FailureKind, ModelRef, NodeHealth, NodeState
@@ -171,11 +172,17 @@ class Fleet:
             "consecutive_failures": health.consecutive_failures,
             "ejections": health.total_ejections,
             "cooldown_seconds": round(remaining, 3),
+            "cooldown_until": _wall_clock(remaining) if remaining > 0 else None,
             "last_error": health.last_error,
             "last_probe_age_seconds": None
             if node.probed_at is None
             else round(now - node.probed_at, 3),
         }
+
+
+def _wall_clock(seconds_from_now: float) -> str:
+    deadline = datetime.now(UTC) + timedelta(seconds=seconds_from_now)
+    return deadline.isoformat(timespec="seconds")
 
 
 def _by_key(entries: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -51,14 +51,16 @@ GATEWAY = web.AppKey("gateway", Gateway)
 
 def make_session() -> aiohttp.ClientSession:
     # One pool for every node, kept alive; no limit of its own (the router caps per node).
-    # Bodies pass through as they are: no decompression, no cookie handling.
+    # Bodies pass through as they are: no decompression, no cookie handling, and no
+    # headers of aiohttp's own: an Accept-Encoding the client did not send could bring
+    # back a compressed body the client cannot read.
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60, keepalive_timeout=30)
     return aiohttp.ClientSession(
         connector=connector,
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),
         timeout=aiohttp.ClientTimeout(total=None),
-        skip_auto_headers=("User-Agent",),
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
     )
 
 
@@ -74,8 +76,13 @@ async def gateway_component(app: web.Application) -> AsyncIterator[None]:
         proxy = Proxy(fleet, router, session, runtime.metrics, settings.routing)
         gateway = Gateway(session, fleet, router, prober, proxy)
         app[GATEWAY] = gateway
-        # Probes are bounded by health_timeout each, so the first round is too.
-        await prober.probe_all()
+        # Start-up waits at most health_timeout for the first round; nodes it did not
+        # reach (a fleet larger than probe_concurrency) are probed by the loop at once.
+        try:
+            async with asyncio.timeout(settings.services.ollama.health_timeout):
+                await prober.probe_all()
+        except TimeoutError:
+            log.warning("first_probe_round_incomplete")
         healthy = sum(
             1 for n in fleet if n.probed_at is not None and not n.health.down and n.models
         )

@@ -43,6 +43,8 @@ HOP_BY_HOP = frozenset(
         "x-olmd-node",
     }
 )
+# Request headers not copied: hop-by-hop, credentials, and the one olmd rewrites.
+_SKIP_REQUEST = frozenset({*HOP_BY_HOP, "x-forwarded-for"})
 # Response headers not copied: hop-by-hop, and those aiohttp sets itself.
 _SKIP_RESPONSE = frozenset({*HOP_BY_HOP, "date", "server"})
 _ERROR_BODY_LIMIT = 64 * 1024
@@ -420,10 +422,10 @@ def _response_headers(upstream: aiohttp.ClientResponse, node: Node) -> CIMultiDi
     return headers
 
 
-def _forward_headers(request: web.Request) -> CIMultiDict[str]:
-    headers: CIMultiDict[str] = CIMultiDict(
-        (k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP
-    )
+def _forward_headers(request: web.Request) -> dict[str, str]:
+    # A plain dict: aiohttp builds its own multidict from it anyway. A repeated header
+    # keeps its last value, which is what Ollama's HTTP server reads too.
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in _SKIP_REQUEST}
     peer = request.remote or ""
     prior = request.headers.get("X-Forwarded-For")
     headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer

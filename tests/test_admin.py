@@ -101,3 +101,24 @@ async def test_drain_and_undrain_a_node(nodes, tmp_path: Path, monkeypatch) -> N
             assert response.status == 200
         async with http.post(str(server.make_url("/admin/nodes/zz/drain")), headers=ADMIN) as r:
             assert r.status == 404
+
+
+async def test_an_ejected_node_shows_its_cooldown(nodes, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("OLMD_ADMIN_TOKEN", TOKEN)
+    a, b = nodes[0][2], nodes[1][2]
+    b.state.update({"models": ["llama3.1:8b"]})
+    a.state.update({"fault": "http500"})
+    data = settings_dict(nodes, failures_to_eject=1, cooldown=30, prefer_loaded=False)
+    settings = load_settings(write_settings(tmp_path / "s.toml", data))
+    async with running_olmd(settings) as server, aiohttp.ClientSession() as http:
+        body = {"model": "llama3.1:8b", "prompt": "x", "stream": False}
+        async with http.post(str(server.make_url("/api/generate")), json=body) as response:
+            assert response.status == 200  # failed over to b
+            assert response.headers["X-Olmd-Node"] == "b"
+        async with http.get(str(server.make_url("/admin/nodes")), headers=ADMIN) as response:
+            listed = {n["name"]: n for n in (await response.json())["nodes"]}
+    assert listed["a"]["state"] == "cooling"
+    assert 29 < listed["a"]["cooldown_seconds"] <= 30
+    assert listed["a"]["cooldown_until"].endswith("+00:00")
+    assert "HTTP 500" in listed["a"]["last_error"]
+    assert listed["b"]["state"] == "healthy"

@@ -585,3 +585,64 @@ async def test_a_long_non_streamed_answer_is_not_cut_by_the_first_byte_timeout(t
         async with http.post(url(server, "/api/generate"), json=stream) as s:
             assert s.status == 504
             assert "sent nothing in time" in (await s.json())["error"]
+
+
+async def test_forwarded_headers_keep_credentials_and_hop_by_hop_out(monkeypatch) -> None:
+    """A node that answers with the headers it received."""
+    import pathlib
+
+    from aiohttp import web
+
+    from daemon.settings import load_settings
+    from tests.helpers import write_settings
+
+    async def version(request: web.Request) -> web.Response:
+        return web.json_response({"version": "0.12.0"})
+
+    async def tags(request: web.Request) -> web.Response:
+        return web.json_response({"models": [{"name": MODEL, "model": MODEL}]})
+
+    async def ps(request: web.Request) -> web.Response:
+        return web.json_response({"models": []})
+
+    async def echo(request: web.Request) -> web.Response:
+        return web.json_response({"headers": dict(request.headers), "done": True})
+
+    app = web.Application()
+    app.router.add_get("/api/version", version)
+    app.router.add_get("/api/tags", tags)
+    app.router.add_get("/api/ps", ps)
+    app.router.add_post("/api/generate", echo)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    monkeypatch.setenv("OLMD_API_KEYS", "client-key-0001")
+    data = settings_dict([])
+    data["services"]["ollama"]["nodes"] = [{"name": "echo", "host": "127.0.0.1", "port": port}]
+    try:
+        settings = load_settings(write_settings(pathlib.Path("s.toml"), data))
+        async with running_olmd(settings) as server, aiohttp.ClientSession() as http:
+            sent = {
+                "Authorization": "Bearer client-key-0001",
+                "Cookie": "session=1",
+                "X-Forwarded-For": "10.1.2.3",
+                "X-Request-Id": "abc-123",
+                "Proxy-Authorization": "Basic eA==",
+            }
+            async with http.post(
+                url(server, "/api/generate"),
+                json=GENERATE,
+                headers=sent,
+                skip_auto_headers=("Accept-Encoding",),
+            ) as response:
+                seen = {k.lower(): v for k, v in (await response.json())["headers"].items()}
+    finally:
+        await runner.cleanup()
+    assert "authorization" not in seen
+    assert "cookie" not in seen
+    assert "proxy-authorization" not in seen
+    assert "accept-encoding" not in seen  # nothing the client did not send
+    assert seen["x-request-id"] == "abc-123"
+    assert seen["x-forwarded-for"] == "10.1.2.3, 127.0.0.1"
