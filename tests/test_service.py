@@ -57,8 +57,10 @@ def notify(tmp_path: Path) -> Iterator[NotifySocket]:
     sock.sock.close()
 
 
-async def start_daemon(config: Path, notify: NotifySocket) -> asyncio.subprocess.Process:
-    env = {**os.environ, "NOTIFY_SOCKET": str(notify.path), "PYTHONPATH": str(ROOT)}
+async def start_daemon(
+    config: Path, notify: NotifySocket, **extra_env: str
+) -> asyncio.subprocess.Process:
+    env = {**os.environ, "NOTIFY_SOCKET": str(notify.path), "PYTHONPATH": str(ROOT), **extra_env}
     return await asyncio.create_subprocess_exec(
         *olmd_command("--config", str(config), "--log-format", "json", "serve"),
         env=env,
@@ -217,3 +219,24 @@ async def test_sigterm_during_the_first_probe_round_stops_cleanly(
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_watchdog_pings_while_alive(
+    tmp_path: Path, node: Emulator, notify: NotifySocket
+) -> None:
+    config = write_settings(tmp_path / "settings.toml", settings_dict([("slow", 1, node)]))
+    # WatchdogSec=0.4 s: olmd pings every 0.2 s.
+    process = await start_daemon(config, notify, WATCHDOG_USEC="400000")
+    try:
+        await notify.wait_for("READY=1", timeout=20)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for _ in range(3):
+            await notify.wait_for("WATCHDOG=1", timeout=2)
+        assert loop.time() - started < 2
+        code, _ = await stop(process)
+        assert code == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
