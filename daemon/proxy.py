@@ -18,48 +18,25 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
 
 from daemon.domain import FailureKind, classify_status
 from daemon.fleet import Fleet, Node, model_key
 from daemon.metrics import Metrics
 from daemon.router import NoNode, Router
 from daemon.settings import RoutingSettings
-
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-        "authorization",
-        "cookie",
-        "x-olmd-node",
-    }
+from daemon.wire import (
+    ERROR_BODY_LIMIT,
+    error_message,
+    final_error,
+    forward_headers,
+    json_error,
+    openai_error,
+    response_headers,
+    usage_from_tail,
 )
-# Request headers not copied: hop-by-hop, credentials, and the one olmd rewrites.
-_SKIP_REQUEST = frozenset({*HOP_BY_HOP, "x-forwarded-for"})
-# Response headers not copied: hop-by-hop, and those aiohttp sets itself.
-_SKIP_RESPONSE = frozenset({*HOP_BY_HOP, "date", "server"})
-_ERROR_BODY_LIMIT = 64 * 1024
+
 # Recorded for a client that left before its answer ended (nginx's convention).
 CLIENT_GONE = 499
-
-
-def json_error(status: int, message: str, **headers: str) -> web.Response:
-    return web.json_response({"error": message}, status=status, headers=headers)
-
-
-def openai_error(status: int, message: str, **headers: str) -> web.Response:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
-    return web.json_response(body, status=status, headers=headers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +127,7 @@ class Proxy:
         wait = self.routing.first_byte_timeout
         if not streaming:
             wait = max(wait, self.routing.non_streaming_timeout)
-        headers = _forward_headers(request)
+        headers = forward_headers(request)
         tried: list[str] = []
         last: web.Response | None = None
         self.active += 1
@@ -203,13 +180,13 @@ class Proxy:
             request.method,
             node.url + request.path_qs,
             data=request.content if request.body_exists else None,
-            headers=_forward_headers(request),
+            headers=forward_headers(request),
             timeout=self.timeout,
         ) as upstream:
             response = web.StreamResponse(
                 status=upstream.status,
                 reason=upstream.reason,
-                headers=_response_headers(upstream, node),
+                headers=response_headers(upstream, node.name),
             )
             await response.prepare(request)
             async for chunk in upstream.content.iter_any():
@@ -257,7 +234,7 @@ class Proxy:
         if upstream.content.at_eof():
             # The whole body came with the first read (a non-streamed answer): answer in
             # one write, without the streaming machinery.
-            headers = _response_headers(upstream, node)
+            headers = response_headers(upstream, node.name)
             upstream.release()
             self.fleet.request_ok(node, time.monotonic())
             self._observe(node, endpoint, key, upstream.status, started, first)
@@ -280,8 +257,8 @@ class Proxy:
         a 404 that is not about the model) is the client's to see.
         """
         status = upstream.status
-        text = (await upstream.content.read(_ERROR_BODY_LIMIT)).decode("utf-8", "replace")
-        message = _error_message(text) or upstream.reason or "error"
+        text = (await upstream.content.read(ERROR_BODY_LIMIT)).decode("utf-8", "replace")
+        message = error_message(text) or upstream.reason or "error"
         reply = error(status, message, **node_header)
         kind = classify_status(status)
         if status == 404 and "not found" in message:
@@ -305,7 +282,7 @@ class Proxy:
         response = web.StreamResponse(
             status=upstream.status,
             reason=upstream.reason,
-            headers=_response_headers(upstream, node),
+            headers=response_headers(upstream, node.name),
         )
         if upstream.content_length is not None:
             response.content_length = upstream.content_length
@@ -339,7 +316,7 @@ class Proxy:
             kind = FailureKind.TIMEOUT if isinstance(exc, TimeoutError) else FailureKind.CONNECT
             self._failed(node, kind, detail)
             self._child(self.metrics.stream_errors, node.name).inc()
-            await _final_error(response, sse, f"node {node.name}: {detail}")
+            await final_error(response, sse, f"node {node.name}: {detail}")
             status = 599  # recorded as a failed stream in metrics
         except asyncio.CancelledError:
             self._count(node, key, endpoint, CLIENT_GONE)
@@ -412,85 +389,3 @@ class _IdleGuard:
 
     def cancel(self) -> None:
         self._handle.cancel()
-
-
-def _response_headers(upstream: aiohttp.ClientResponse, node: Node) -> CIMultiDict[str]:
-    headers: CIMultiDict[str] = CIMultiDict(
-        (k, v) for k, v in upstream.headers.items() if k.lower() not in _SKIP_RESPONSE
-    )
-    headers["X-Olmd-Node"] = node.name
-    return headers
-
-
-def _forward_headers(request: web.Request) -> dict[str, str]:
-    # A plain dict: aiohttp builds its own multidict from it anyway. A repeated header
-    # keeps its last value, which is what Ollama's HTTP server reads too.
-    headers = {k: v for k, v in request.headers.items() if k.lower() not in _SKIP_REQUEST}
-    peer = request.remote or ""
-    prior = request.headers.get("X-Forwarded-For")
-    headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-    return headers
-
-
-def _error_message(text: str) -> str | None:
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return text.strip()[:500] or None
-    if isinstance(data, dict):
-        err = data.get("error")
-        if isinstance(err, str):
-            return err
-        if isinstance(err, dict) and isinstance(err.get("message"), str):
-            return str(err["message"])
-    return None
-
-
-async def _final_error(response: web.StreamResponse, sse: bool, message: str) -> None:
-    """End a cut stream with one error line in its own format, if the client is there.
-
-    A body of announced length cannot carry an extra line: its connection is closed, and
-    the client sees a short read.
-    """
-    if response.content_length is not None:
-        response.force_close()
-        return
-    if sse:
-        error = {"error": {"message": message, "type": "server_error"}}
-        data = b"data: " + json.dumps(error).encode() + b"\n\n"
-    else:
-        data = json.dumps({"error": message}).encode() + b"\n"
-    try:
-        await response.write(data)
-        await response.write_eof()
-    except ConnectionResetError:
-        pass
-
-
-def _count_after(data: bytes, field: bytes) -> int | None:
-    at = data.rfind(field)
-    if at < 0:
-        return None
-    start = end = at + len(field)
-    while end < len(data) and 48 <= data[end] <= 57:  # ASCII digits
-        end += 1
-    return int(data[start:end]) if end > start else None
-
-
-def usage_from_tail(tail: bytes) -> tuple[int, int, int] | None:
-    """(prompt tokens, generated tokens, eval nanoseconds) from a response's last bytes.
-
-    Ollama puts the counts in its final chunk (``done: true``); the OpenAI-compatible
-    routes put ``usage`` in the last object before ``[DONE]``. Found by searching, not by
-    parsing: Ollama's final generate chunk also carries ``context``, thousands of token
-    ids long. Only these keys' exact spelling matches (``"eval_count":`` cannot match
-    inside ``"prompt_eval_count":``, nor inside an escaped string).
-    """
-    generated = _count_after(tail, b'"eval_count":')
-    if generated is not None:
-        prompt = _count_after(tail, b'"prompt_eval_count":') or 0
-        return prompt, generated, _count_after(tail, b'"eval_duration":') or 0
-    completion = _count_after(tail, b'"completion_tokens":')
-    if completion is not None:
-        return _count_after(tail, b'"prompt_tokens":') or 0, completion, 0
-    return None

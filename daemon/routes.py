@@ -10,7 +10,8 @@ from aiohttp import web
 from daemon import admin, catalog
 from daemon.gateway import GATEWAY
 from daemon.guard import is_admin
-from daemon.proxy import Endpoint, json_error
+from daemon.proxy import Endpoint
+from daemon.wire import json_error
 
 ENDPOINTS = (
     Endpoint("/api/generate", "/api/generate", streams=True),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import sys
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import structlog
 import tomli_w
 from aiohttp.test_utils import TestServer
 
@@ -78,6 +80,23 @@ async def fetch(
     response = await http.request(method, url, **kwargs)
     await response.read()
     return response
+
+
+async def run_cli(capsys: Any, *argv: str) -> tuple[int, str, str]:
+    """``olmd ARGV`` in-process (in a thread: it runs its own event loop); exit code,
+    stdout, stderr. main() configures logging; later tests must not inherit that."""
+    from daemon import cli
+
+    capsys.readouterr()
+    saved, root = structlog.get_config(), logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        code = await asyncio.to_thread(cli.main, list(argv))
+    finally:
+        structlog.configure(**saved)
+        root.handlers[:], root.level = handlers, level
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def olmd_command(*args: str) -> list[str]:

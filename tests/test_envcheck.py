@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import shlex
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -14,7 +13,6 @@ from typing import Any
 
 import asyncssh
 import pytest
-import structlog
 
 from daemon import cli, ops_cli
 from daemon.emulator import Emulator, EmulatorConfig
@@ -33,7 +31,7 @@ from daemon.envcheck import (
 )
 from daemon.settings import ReportSettings
 from daemon.smoke import NodeHealth
-from tests.helpers import write_settings
+from tests.helpers import run_cli, write_settings
 
 MEMINFO = """\
 MemTotal:       131841964 kB
@@ -123,16 +121,7 @@ def olmd(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(cli, "_plugins", lambda: [ops_cli.register])
 
     async def run(*argv: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        saved, root = structlog.get_config(), logging.getLogger()
-        handlers, level = root.handlers[:], root.level
-        try:
-            code = await asyncio.to_thread(cli.main, list(argv))
-        finally:
-            structlog.configure(**saved)
-            root.handlers[:], root.level = handlers, level
-        out, err = capsys.readouterr()
-        return code, out, err
+        return await run_cli(capsys, *argv)
 
     return run
 
@@ -352,7 +341,6 @@ async def test_home_relative_data_root_and_odd_output() -> None:
 
 
 def test_unreadable_ssh_key_never_shows_its_path(tmp_path, monkeypatch) -> None:
-    import asyncio
 
     from daemon import envcheck
     from daemon.settings import Settings

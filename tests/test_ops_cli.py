@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 
 from daemon import cli, ops_cli
 from daemon.emulator import Emulator, EmulatorConfig
 from daemon.envcheck import GB
-from tests.helpers import running_olmd, settings_dict, write_settings
+from tests.helpers import run_cli, running_olmd, settings_dict, write_settings
 
 Run = Callable[..., "asyncio.Future[tuple[int, str, str]]"]
 MODELS = ["llama3.1:8b", "qwen3:4b"]
@@ -34,18 +32,7 @@ def olmd(capsys: pytest.CaptureFixture[str]) -> Callable[..., Any]:
     loop serves the emulators; returns (exit code, stdout, stderr)."""
 
     async def run(*argv: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        # main() points logging at the captured streams; later tests must not inherit them.
-        saved = structlog.get_config()
-        root = logging.getLogger()
-        handlers, level = root.handlers[:], root.level
-        try:
-            code = await asyncio.to_thread(cli.main, list(argv))
-        finally:
-            structlog.configure(**saved)
-            root.handlers[:], root.level = handlers, level
-        out, err = capsys.readouterr()
-        return code, out, err
+        return await run_cli(capsys, *argv)
 
     return run
 

@@ -1,0 +1,125 @@
+"""The proxy's wire details: which headers pass, error bodies in both dialects, the
+final error line of a cut stream, and token counts read from a response's tail."""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "authorization",
+        "cookie",
+        "x-olmd-node",
+    }
+)
+# Request headers not copied: hop-by-hop, credentials, and the one olmd rewrites.
+SKIP_REQUEST = frozenset({*HOP_BY_HOP, "x-forwarded-for"})
+# Response headers not copied: hop-by-hop, and those aiohttp sets itself.
+SKIP_RESPONSE = frozenset({*HOP_BY_HOP, "date", "server"})
+ERROR_BODY_LIMIT = 64 * 1024
+
+
+def json_error(status: int, message: str, **headers: str) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+def openai_error(status: int, message: str, **headers: str) -> web.Response:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def response_headers(upstream: aiohttp.ClientResponse, node: str) -> CIMultiDict[str]:
+    headers: CIMultiDict[str] = CIMultiDict(
+        (k, v) for k, v in upstream.headers.items() if k.lower() not in SKIP_RESPONSE
+    )
+    headers["X-Olmd-Node"] = node
+    return headers
+
+
+def forward_headers(request: web.Request) -> dict[str, str]:
+    # A plain dict: aiohttp builds its own multidict from it anyway. A repeated header
+    # keeps its last value, which is what Ollama's HTTP server reads too.
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in SKIP_REQUEST}
+    peer = request.remote or ""
+    prior = request.headers.get("X-Forwarded-For")
+    headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    return headers
+
+
+def error_message(text: str) -> str | None:
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text.strip()[:500] or None
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, str):
+            return err
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return str(err["message"])
+    return None
+
+
+async def final_error(response: web.StreamResponse, sse: bool, message: str) -> None:
+    """End a cut stream with one error line in its own format, if the client is there.
+
+    A body of announced length cannot carry an extra line: its connection is closed, and
+    the client sees a short read.
+    """
+    if response.content_length is not None:
+        response.force_close()
+        return
+    if sse:
+        error = {"error": {"message": message, "type": "server_error"}}
+        data = b"data: " + json.dumps(error).encode() + b"\n\n"
+    else:
+        data = json.dumps({"error": message}).encode() + b"\n"
+    try:
+        await response.write(data)
+        await response.write_eof()
+    except ConnectionResetError:
+        pass
+
+
+def _count_after(data: bytes, field: bytes) -> int | None:
+    at = data.rfind(field)
+    if at < 0:
+        return None
+    start = end = at + len(field)
+    while end < len(data) and 48 <= data[end] <= 57:  # ASCII digits
+        end += 1
+    return int(data[start:end]) if end > start else None
+
+
+def usage_from_tail(tail: bytes) -> tuple[int, int, int] | None:
+    """(prompt tokens, generated tokens, eval nanoseconds) from a response's last bytes.
+
+    Ollama puts the counts in its final chunk (``done: true``); the OpenAI-compatible
+    routes put ``usage`` in the last object before ``[DONE]``. Found by searching, not by
+    parsing: Ollama's final generate chunk also carries ``context``, thousands of token
+    ids long. Only these keys' exact spelling matches (``"eval_count":`` cannot match
+    inside ``"prompt_eval_count":``, nor inside an escaped string).
+    """
+    generated = _count_after(tail, b'"eval_count":')
+    if generated is not None:
+        prompt = _count_after(tail, b'"prompt_eval_count":') or 0
+        return prompt, generated, _count_after(tail, b'"eval_duration":') or 0
+    completion = _count_after(tail, b'"completion_tokens":')
+    if completion is not None:
+        return _count_after(tail, b'"prompt_tokens":') or 0, completion, 0
+    return None
