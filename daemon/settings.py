@@ -440,8 +440,40 @@ def load_settings(
     if problems:
         raise SettingsError(source, problems)
     try:
-        return Settings(_env_file=dotenv_path, **file_data)
+        settings = Settings(_env_file=dotenv_path, **file_data)
     except ValidationError as exc:
         raise SettingsError(source, [_describe(e) for e in exc.errors()]) from exc
     except ValueError as exc:  # raised by a source, e.g. an OLMD_* value that is not JSON
         raise SettingsError(source, [str(exc)]) from exc
+    return anchor_paths(settings, file.parent if file else Path.cwd())
+
+
+def anchor_paths(settings: Settings, base: Path) -> Settings:
+    """Make the local file paths absolute: relative ones count from ``base``.
+
+    ``base`` is the settings file's folder, so ``olmd sync`` from any directory and the
+    daemon use the same manifest, lock and state files. (``download.data_root`` is a
+    path on the nodes and stays as written.)
+    """
+
+    def anchor(path: Path) -> Path:
+        path = path.expanduser()
+        return path if path.is_absolute() else (base / path).absolute()
+
+    job = settings.jobs.ollama_sync
+    ssh = settings.ssh
+    return settings.model_copy(
+        update={
+            "jobs": settings.jobs.model_copy(
+                update={
+                    "ollama_sync": job.model_copy(
+                        update={"manifest_path": anchor(job.manifest_path)}
+                    )
+                }
+            ),
+            "report": settings.report.model_copy(update={"path": anchor(settings.report.path)}),
+            "ssh": ssh.model_copy(
+                update={"known_hosts": anchor(ssh.known_hosts) if ssh.known_hosts else None}
+            ),
+        }
+    )

@@ -246,3 +246,23 @@ def test_short_api_key_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(SettingsError, match="OLMD_API_KEYS") as caught:
         load_settings()
     assert "abc" not in str(caught.value)
+
+
+def test_relative_paths_count_from_the_settings_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    path = write(
+        etc,
+        '[jobs.ollama_sync]\nmanifest_path = "state/manifest.json"\n'
+        '[report]\npath = "/var/reports/health.md"\n',
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the CLI run from another folder: same manifest and lock
+    settings = load_settings(path)
+    assert settings.jobs.ollama_sync.manifest_path == etc / "state" / "manifest.json"
+    assert str(settings.report.path) == "/var/reports/health.md"
+    monkeypatch.chdir(tmp_path)
+    assert load_settings(path).jobs.ollama_sync.manifest_path == etc / "state" / "manifest.json"
