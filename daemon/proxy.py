@@ -230,6 +230,12 @@ class Proxy:
             raise _Retry(
                 "connect", error(502, f"node {node.name} unreachable", **node_header)
             ) from None
+        except asyncio.CancelledError:
+            # The client left before the first byte (a cold load, say): the node's
+            # request was closed with the cancelled task.
+            self._count(node, key, endpoint, CLIENT_GONE)
+            self._child(self.metrics.upstream_cancelled, node.name).inc()
+            raise
         self._child(self.metrics.ttfb, endpoint.path).observe(time.monotonic() - started)
         if upstream.content.at_eof():
             # The whole body came with the first read (a non-streamed answer): answer in

@@ -383,6 +383,10 @@ async def test_client_disconnect_during_a_cold_load_cancels_too(three) -> None:
             await asyncio.sleep(0.1)
             task.cancel()
         await eventually(lambda: a.state.stats.cancelled >= 1, timeout=1.0)
+        async with aiohttp.ClientSession() as http:
+            metrics = await (await fetch(http, "GET", url(server, "/metrics"))).text()
+        assert 'olmd_upstream_cancelled_total{node="a"} 1.0' in metrics
+        assert 'code="499"' in metrics
 
 
 async def test_killed_node_fails_over_and_comes_back_within_a_probe_interval(three) -> None:
