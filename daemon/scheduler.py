@@ -5,6 +5,10 @@ a cron time outside the window). Catch-up: a daemon that starts inside a window 
 scheduled time has passed, with no completed full sync started in that window, starts
 one at once; outside the window it waits for the next scheduled time. "Completed" comes
 from the state file next to the manifest, so it survives restarts and counts CLI runs.
+
+A scheduled run refused because another run held the slot (a narrowed CLI run, a dry
+run) is not lost: every few minutes the same catch-up rule is checked again, and while
+the window is open and no full sync has started in it, one is started.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Protocol
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
 
 from daemon.logs import get_logger
 from daemon.settings import Settings
@@ -23,12 +28,21 @@ from daemon.sync_plan import SyncOptions
 from daemon.sync_state import SyncState
 from daemon.window import AllowedWindow
 
-__all__ = ["JOB_ID", "SyncScheduler", "SyncStarter", "cron_trigger", "missed_run"]
+__all__ = [
+    "JOB_ID",
+    "RETRY_JOB_ID",
+    "SyncScheduler",
+    "SyncStarter",
+    "cron_trigger",
+    "missed_run",
+]
 
 log = get_logger("olmd.scheduler")
 
 JOB_ID = "ollama_sync"
 CATCH_UP_JOB_ID = "ollama_sync_catch_up"
+RETRY_JOB_ID = "ollama_sync_retry"
+RETRY_SECONDS = 300  # how often a missed (refused) run of the open window is looked for
 # A fire time the loop noticed late (a suspended VM, a blocked loop) still runs within
 # this many seconds; later ones are dropped, and the window check guards the rest.
 _MISFIRE_GRACE = 600
@@ -127,12 +141,14 @@ class SyncScheduler:
         scheduler = self._scheduler
         if scheduler is None:
             return
-        if scheduler.get_job(JOB_ID) is not None:
-            scheduler.remove_job(JOB_ID)
+        for job_id in (JOB_ID, RETRY_JOB_ID):
+            if scheduler.get_job(job_id) is not None:
+                scheduler.remove_job(job_id)
         job = settings.jobs.ollama_sync
         if not job.enabled:
             log.info("sync.schedule_disabled")
             return
+        scheduler.add_job(self.retry, IntervalTrigger(seconds=RETRY_SECONDS), id=RETRY_JOB_ID)
         added = scheduler.add_job(
             self.fire, cron_trigger(settings), id=JOB_ID, kwargs={"trigger": "schedule"}
         )
@@ -169,6 +185,21 @@ class SyncScheduler:
         started = await self._service.start(SyncOptions(), trigger=trigger)
         if not started:
             log.warning("sync.schedule_refused", trigger=trigger, reason="a sync is running")
+        return started
+
+    async def retry(self) -> bool:
+        """The periodic job: start the window's sync if it is due and none has started
+        in it (the scheduled one was refused, say). True if one started."""
+        missed = self._missed()
+        if missed is None:
+            return False
+        window = self._settings.services.ollama.download.allowed_window
+        started = await self._service.start(SyncOptions(), trigger="catch-up")
+        if started:
+            log.info("sync.catch_up", missed=missed.astimezone(window.tz).isoformat(),
+                     reason="retry")  # fmt: skip
+        else:
+            log.debug("sync.catch_up_refused", reason="a sync is running")
         return started
 
     async def shutdown(self) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import web
@@ -35,12 +35,20 @@ __all__ = [
     "SyncResult",
     "SyncService",
     "run_sync",
+    "stop_grace",
     "sync_component",
 ]
 
 log = get_logger("olmd.sync")
 
-_STOP_GRACE = 10.0  # seconds a stopping daemon gives a run to write its manifest
+_STOP_MARGIN = 5.0  # seconds on top of the final inventory's own bound
+
+
+def stop_grace(settings: Settings) -> float:
+    """Seconds a stopping daemon gives a run to write its manifest: time to take the cut
+    pulls down and then the final inventory, whose per-node requests (tags, then
+    version) are each bounded by ``health_timeout``, plus a margin."""
+    return 2 * settings.services.ollama.health_timeout + _STOP_MARGIN
 
 
 async def run_sync(
@@ -53,8 +61,12 @@ async def run_sync(
     metrics: SyncMetrics | None = None,
     transports: TransportFactory | None = None,
     backoff: Backoff | None = None,
+    on_engine: Callable[[SyncEngine], None] | None = None,
 ) -> SyncResult:
     """One sync run, under the lock (a dry run takes none: it changes nothing).
+
+    ``on_engine`` is handed the run's engine before it starts, e.g. to wire signals to
+    :meth:`SyncEngine.stop` (``olmd sync`` does).
 
     Raises :class:`SyncBusy` if another run holds the lock, ``ValueError`` for options
     the settings cannot satisfy (an unknown ``host``), and ``OSError`` when the manifest
@@ -65,6 +77,8 @@ async def run_sync(
         settings, options, now=now, clock=clock, progress=progress, metrics=metrics,
         transports=transports, backoff=backoff,
     )  # fmt: skip
+    if on_engine is not None:
+        on_engine(engine)
     if options.dry_run:
         return await engine.run()
     with SyncLock(lock_path(settings.jobs.ollama_sync.manifest_path)):
@@ -180,12 +194,15 @@ class SyncService:
         """Use ``settings`` from the next run on."""
         self.settings = settings
 
-    async def stop(self, grace: float = _STOP_GRACE) -> None:
+    async def stop(self, grace: float | None = None) -> None:
         """End a running sync: pulls are cut and recorded as deferred and the manifest is
-        written; after ``grace`` seconds the run is cancelled outright (logged)."""
+        written; after ``grace`` seconds (default :func:`stop_grace` of the run's
+        settings) the run is cancelled outright (logged)."""
         task, engine = self._task, self._engine
         if task is None or task.done() or engine is None:
             return
+        if grace is None:
+            grace = stop_grace(engine.settings)
         engine.stop("olmd is stopping")
         done, _ = await asyncio.wait({task}, timeout=grace)
         if not done:

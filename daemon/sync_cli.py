@@ -1,7 +1,10 @@
 """``olmd sync``: run the model sync once, by hand.
 
 Exit codes as everywhere in olmd: 0 every action succeeded, 1 something failed or was
-deferred (or another sync holds the lock), 2 usage or settings error. On a terminal it
+deferred (or another sync holds the lock, or the run was interrupted), 2 usage or settings
+error. SIGINT and SIGTERM stop the run as the window's close does: running pulls are
+recorded as deferred and the manifest is written, then the exit status is 1 (a second
+SIGINT aborts at once). On a terminal it
 shows a progress line while pulling and a summary table at the end; in a pipe it prints
 the result as JSON.
 """
@@ -13,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import shutil
+import signal
 import sys
 from collections.abc import Iterable, Sequence
 from typing import Any, TextIO
@@ -22,6 +26,7 @@ from pydantic import ValidationError
 from daemon.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, run_async, settings_from
 from daemon.settings import Settings
 from daemon.sync import SyncBusy, SyncOptions, SyncResult, run_sync
+from daemon.sync_engine import SyncEngine
 from daemon.sync_plan import SyncProgress, select_targets
 
 __all__ = ["progress_line", "register", "summary_table"]
@@ -40,7 +45,9 @@ def register(subparsers: Any) -> None:
         "with retries and at most max_parallel_jobs pulls at once; then write the manifest "
         "(jobs.ollama_sync.manifest_path) atomically. The daemon runs the same sync nightly.",
         epilog="Exit status: 0 every action succeeded, 1 a pull failed or was deferred (or "
-        "another sync is running), 2 usage or settings error.",
+        "another sync is running, or SIGINT/SIGTERM stopped the run: running pulls are then "
+        "recorded as deferred and the manifest is still written), 2 usage or settings error. "
+        "With --dry-run: 0, or 1 when a node could not be reached.",
     )
     add = parser.add_argument
     add(
@@ -56,7 +63,8 @@ def register(subparsers: Any) -> None:
     add(
         "--dry-run",
         action="store_true",
-        help="print the plan (node, model, action) and change nothing, manifest included",
+        help="print the plan (node, model, action) and change nothing, manifest included; "
+        "exits 1 only if a node could not be reached",
     )
     add("--models", nargs="+", metavar="M", help="these models instead of baseline + fallback")
     add("--host", metavar="H", help="only this node (its name or host)")
@@ -90,7 +98,9 @@ def _cmd_sync(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     show_progress = sys.stderr.isatty() and not options.dry_run
     try:
-        result = run_async(_run(settings, options, sys.stderr if show_progress else None))
+        result, interrupted = run_async(
+            _run(settings, options, sys.stderr if show_progress else None)
+        )
     except SyncBusy as exc:
         print(f"olmd sync: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -98,17 +108,47 @@ def _cmd_sync(args: argparse.Namespace) -> int:
         print(summary_table(result))
     else:
         print(json.dumps(result.to_dict(), indent=2))
-    return EXIT_OK if result.ok else EXIT_FAILURE
+    return EXIT_OK if result.ok and not interrupted else EXIT_FAILURE
 
 
-async def _run(settings: Settings, options: SyncOptions, screen: TextIO | None) -> SyncResult:
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+async def _run(
+    settings: Settings, options: SyncOptions, screen: TextIO | None
+) -> tuple[SyncResult, bool]:
+    """The run, and whether a signal stopped it."""
     progress = SyncProgress()
     painter = None
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    interrupted = False
+
+    def unhook() -> None:
+        while installed:
+            loop.remove_signal_handler(installed.pop())
+
+    def on_signal(engine: SyncEngine, sig: signal.Signals) -> None:
+        nonlocal interrupted
+        interrupted = True
+        unhook()  # a second signal takes its default course (SIGINT: abort at once)
+        engine.stop(f"olmd sync got {sig.name}")
+
+    def hook(engine: SyncEngine) -> None:
+        for sig in _STOP_SIGNALS:
+            try:
+                loop.add_signal_handler(sig, on_signal, engine, sig)
+            except (ValueError, RuntimeError, NotImplementedError):
+                return  # not the main thread (tests), or no signals here: defaults stay
+            installed.append(sig)
+
     if screen is not None:
         painter = asyncio.create_task(_paint(progress, screen))
     try:
-        return await run_sync(settings, options, progress=progress)
+        result = await run_sync(settings, options, progress=progress, on_engine=hook)
+        return result, interrupted
     finally:
+        unhook()
         if painter is not None:
             painter.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -18,6 +18,7 @@ from typing import Literal
 import aiohttp
 
 from daemon import registry
+from daemon.domain import ModelRef
 from daemon.logs import get_logger
 from daemon.manifest import ManifestError, merge_previous, read_manifest, write_manifest
 from daemon.metrics import SyncMetrics
@@ -51,6 +52,9 @@ TransportFactory = Callable[[str], PullTransport]
 """A transport for a name from settings ("http", "ssh"); default: the plugin registry."""
 
 _BACKOFF_CAP = 900.0  # growing waits stop growing at 15 minutes
+# Ollama hashes the whole blob after the download, printing nothing new meanwhile: that
+# phase gets this many stall timeouts before it counts as stalled.
+VERIFY_STALL_FACTOR = 3.0
 
 
 def utcnow() -> datetime:
@@ -96,6 +100,7 @@ class SyncEngine:
         self._stop = asyncio.Event()
         self._stop_reason: str | None = None
         self._closing = False  # once set, no pull starts
+        self._interrupted = False  # stop() cut pulls short: not the window's finished sync
         self._node_fatal: dict[str, str] = {}
 
     def stop(self, reason: str) -> None:
@@ -214,7 +219,10 @@ class SyncEngine:
                     log.warning("sync.transport_close_failed", error=str(exc))
         if pending:
             log.warning("sync.pulls_cut", reason=self._stop_reason, cancelled=len(pending))
-        self._defer([o for o in pulls if o.status is None])
+        cut = [o for o in pulls if o.status is None]
+        if cut and self._stop.is_set():
+            self._interrupted = True
+        self._defer(cut)
 
     def _defer(self, outcomes: Iterable[Outcome]) -> None:
         for o in outcomes:
@@ -229,6 +237,11 @@ class SyncEngine:
         """Every attempt at one pull. Leaves ``o.status`` None when cut short (deferred)."""
         started = self._clock()
         attempts = self.settings.services.ollama.download.retry.max_attempts
+        try:
+            ModelRef.parse(o.model)
+        except ValueError as exc:  # retrying cannot help; no transport sees the name
+            self._finish(o, "failed", f"{target.name}: {exc}")
+            return
         try:
             for attempt in range(1, attempts + 1):
                 async with slots:
@@ -273,13 +286,18 @@ class SyncEngine:
         loop = asyncio.get_running_loop()
         stall = self._download.stall_timeout
         last_activity = loop.time()
-        seen: tuple[str, int] | None = None
+        seen: tuple[str, int, int] | None = None
         counted = 0
+        verifying = False
 
         def on_progress(status: str, completed: int, total: int) -> None:
-            nonlocal last_activity, seen, counted
-            if (status, completed) != seen:
-                seen, last_activity = (status, completed), loop.time()
+            # Any change counts as activity: Ollama repeats identical lines while a
+            # download stands still, and SSH status text carries the CLI's whole progress
+            # line (percent, speed, time left), which moves even when rounded bytes do not.
+            nonlocal last_activity, seen, counted, verifying
+            if (status, completed, total) != seen:
+                seen, last_activity = (status, completed, total), loop.time()
+            verifying = status.strip().lower().startswith("verifying")
             if self._metrics is not None and completed > counted:
                 self._metrics.record_bytes(o.node, completed - counted)
             counted = max(counted, completed)
@@ -293,18 +311,18 @@ class SyncEngine:
         try:
             while not task.done():
                 quiet = loop.time() - last_activity
-                if quiet >= stall:
+                limit = stall * VERIFY_STALL_FACTOR if verifying else stall
+                if quiet >= limit:
                     await _settle(task)
+                    phase = " while verifying the digest" if verifying else ""
                     return PullError(
-                        f"{target.name}: no progress for {stall:g} s; pull cancelled",
+                        f"{target.name}: no progress for {limit:g} s{phase}; pull cancelled",
                     )
-                await asyncio.wait({task}, timeout=stall - quiet)
+                await asyncio.wait({task}, timeout=limit - quiet)
             task.result()
         except PullError as exc:
             return exc
-        except ValueError as exc:  # an invalid model name: retrying cannot help
-            return PullError(str(exc), retryable=False)
-        except Exception as exc:
+        except Exception as exc:  # names were validated above: anything else may pass
             log.exception("sync.transport_error", node=o.node, model=o.model)
             return PullError(f"{target.name}: {type(exc).__name__}: {exc}")
         finally:
@@ -369,7 +387,9 @@ class SyncEngine:
         if result is not None:
             if result.ok:
                 update["last_success_at"] = update["last_finished_at"]
-            if self.options.full:
+            # Only a run that went to its end (or to the window's close) is the window's
+            # sync; one cut by stop() is resumed by the next catch-up.
+            if self.options.full and not self._interrupted:
                 update["last_full_started_at"] = started
             failed = [o for o in result.outcomes if not o.ok]
             update["last_error"] = failed[0].error if failed else None

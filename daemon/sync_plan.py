@@ -338,10 +338,13 @@ class SyncResult:
         return all(o.ok for o in self.outcomes)
 
     def counts(self) -> dict[str, int]:
-        """How many outcomes ended in each status."""
+        """How many outcomes ended in each status. A dry run's pulls were only planned:
+        they count as "planned" (an outcome without status is a failure otherwise)."""
+        unset = "planned" if self.options.dry_run else "failed"
         out: dict[str, int] = {}
         for o in self.outcomes:
-            out[o.status or "failed"] = out.get(o.status or "failed", 0) + 1
+            key = o.status or unset
+            out[key] = out.get(key, 0) + 1
         return out
 
     def to_dict(self) -> dict[str, Any]:

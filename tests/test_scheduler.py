@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 from daemon.emulator import Emulator, EmulatorConfig
 from daemon.metrics import Metrics, SyncMetrics
 from daemon.runtime import RUNTIME, Runtime
-from daemon.scheduler import SyncScheduler, cron_trigger, missed_run
+from daemon.scheduler import RETRY_JOB_ID, RETRY_SECONDS, SyncScheduler, cron_trigger, missed_run
 from daemon.settings import Settings, SettingsError, load_settings
 from daemon.sync import SYNC, SyncBusy, SyncOptions, SyncService, run_sync, sync_component
 from daemon.sync_state import SyncState
@@ -283,3 +283,37 @@ async def test_a_reload_reschedules_the_job(tmp_path):
         assert scheduler.alive()
     finally:
         await scheduler.shutdown()
+
+
+async def test_a_refused_scheduled_run_is_retried_while_the_window_is_open(node, tmp_path):
+    from daemon.sync_state import SyncLock, lock_path
+
+    settings = make_settings(tmp_path, [("a", node)], models=["llama3.1:8b"], fallback=[])
+    service = SyncService(settings, now=FakeNow(local(3, 0)))
+    scheduler = SyncScheduler(service, settings, now=FakeNow(local(2, 59)))
+    scheduler.start()
+    try:
+        assert scheduler._scheduler is not None
+        retry_job = scheduler._scheduler.get_job(RETRY_JOB_ID)
+        assert retry_job is not None
+        assert retry_job.trigger.interval == timedelta(seconds=RETRY_SECONDS)
+        assert not await scheduler.retry()  # 02:59: the 03:00 run is not due yet
+        # At 03:00 a narrowed `olmd sync --host a` holds the slot: the run is refused.
+        scheduler._now = FakeNow(local(3, 0))
+        with SyncLock(lock_path(settings.jobs.ollama_sync.manifest_path)):
+            assert not await scheduler.fire()
+            scheduler._now = FakeNow(local(3, 5))
+            assert not await scheduler.retry()  # still held
+        scheduler._now = FakeNow(local(3, 10))
+        assert await scheduler.retry()  # free again: the window's sync starts
+        result = await service.wait()
+        assert result is not None and result.ok
+        assert service.status()["trigger"] == "catch-up"
+        scheduler._now = FakeNow(local(3, 15))
+        assert not await scheduler.retry()  # done for this window
+        scheduler._now = FakeNow(local(7, 0))
+        assert not await scheduler.retry()  # and never outside it
+    finally:
+        await scheduler.shutdown()
+    assert node.state.stats.requests["/api/pull"] == 1
+    assert service.state().last_full_started_at is not None

@@ -22,12 +22,14 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 from structlog.testing import capture_logs
 
-from daemon import sync_cli
+from daemon import sync_cli, sync_engine
 from daemon.emulator import Emulator, EmulatorConfig
 from daemon.manifest import Manifest, ModelEntry, NodeEntry, read_manifest
 from daemon.metrics import SyncMetrics
+from daemon.ports import PullProgress, PullTarget
+from daemon.scheduler import cron_trigger, missed_run
 from daemon.settings import Settings
-from daemon.sync import SyncBusy, SyncOptions, SyncService, run_sync
+from daemon.sync import SyncBusy, SyncOptions, SyncService, run_sync, stop_grace
 from daemon.sync_plan import SyncProgress
 from daemon.sync_state import SyncLock, lock_path, read_state, state_path
 
@@ -37,6 +39,7 @@ IN_WINDOW = datetime(2024, 3, 10, 3, 0, tzinfo=UTC8)
 MODELS = ["llama3.1:8b", "qwen3:8b"]
 FALLBACK = ["mistral-nemo:12b"]
 SMALL_PULL = {"pull_size": 20_000, "pull_speed": 0.0}
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 class FakeNow:
@@ -336,6 +339,9 @@ async def test_at_window_close_running_pulls_are_deferred(tmp_path):
     assert not result.ok
     manifest = manifest_of(settings)
     assert entry_in(manifest, "a", "llama3.1:8b").status == "deferred"
+    # The window is over: this was its sync, nothing is caught up before the next one.
+    state = read_state(state_path(settings.jobs.ollama_sync.manifest_path))
+    assert state.last_full_started_at is not None
 
 
 async def test_outside_the_window_pulls_are_deferred_unless_ignored(nodes, tmp_path):
@@ -541,7 +547,17 @@ async def test_cli_exit_codes_and_json_in_a_pipe(nodes, tmp_path, capsys):
     assert await _cli(["sync", "--host", "nope", *config]) == 2
     assert "matches no configured node" in capsys.readouterr().err
     assert await _cli(["sync", "--dry-run", *config]) == 0
-    assert json.loads(capsys.readouterr().out)["plan"][0]["action"] == "pull"
+    out = json.loads(capsys.readouterr().out)
+    assert out["plan"][0]["action"] == "pull"
+    # Planned pulls are neither done nor failed.
+    assert (out["ok"], out["counts"]) == (True, {"planned": 6})
+
+    # A dry run exits 1 only when a node could not be reached.
+    data["services"]["ollama"]["nodes"].append({"name": "gone", "host": "127.0.0.1", "port": 9})
+    settings_file.write_text(json.dumps(data))
+    assert await _cli(["sync", "--dry-run", *config]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert (out["ok"], out["counts"]) == (False, {"planned": 6, "failed": 3})
 
 
 def test_summary_table_and_progress_line():
@@ -599,3 +615,136 @@ async def test_progress_is_reported_while_pulling(tmp_path):
     assert any(0 < n < 600_000 for n in seen)  # partial progress was visible mid-pull
     assert progress.snapshot()["phase"] == "done"
     assert progress.snapshot()["nodes"]["a"]["llama3.1:8b"]["result"] == "pulled"
+
+
+async def test_a_sync_stopped_by_the_daemon_writes_its_manifest_and_is_caught_up(
+    tmp_path, monkeypatch
+):
+    config = EmulatorConfig(models=[], pull_size=10_000_000, pull_speed=1_000_000)
+    async with Emulator(config) as emu:
+        data = make_settings(
+            tmp_path, [("a", emu)], models=["llama3.1:8b"], fallback=[]
+        ).model_dump(mode="json", include={"services", "jobs"})
+        data["services"]["ollama"]["health_timeout"] = 0.4
+        settings = Settings(**data)
+        # The grace covers the final inventory (tags, then version, each up to the
+        # health timeout) with a margin; 10 s flat used to equal the default timeout.
+        assert stop_grace(settings) > 2 * 0.4
+        default = Settings().services.ollama.health_timeout
+        assert stop_grace(Settings()) > 2 * default
+
+        inventory_all = sync_engine._inventory_all
+        calls = 0
+
+        async def slow_final_inventory(session: Any, targets: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls > 1:  # the final one: as slow as the health timeout allows
+                await asyncio.sleep(0.6)
+            return await inventory_all(session, targets)
+
+        monkeypatch.setattr(sync_engine, "_inventory_all", slow_final_inventory)
+        service = SyncService(settings, now=FakeNow(IN_WINDOW))  # starts at 03:00
+        assert await service.start(SyncOptions(), trigger="schedule")
+        for _ in range(100):
+            item = service.status()["progress"]["nodes"].get("a", {}).get("llama3.1:8b", {})
+            if item.get("completed"):
+                break
+            await asyncio.sleep(0.02)
+        await service.stop()  # olmd is stopping, mid-pull
+        assert not service.running
+    assert service.last_result is not None
+    assert service.status()["last_error"] is None  # not cancelled: it ran to its end
+    manifest = manifest_of(settings)
+    entry = entry_in(manifest, "a", "llama3.1:8b")
+    assert entry.status == "deferred"
+    assert "olmd is stopping" in str(entry.last_error)
+    state = service.state()
+    assert state.last_outcome == "failed"
+    assert state.last_full_started_at is None  # cut short: not the window's sync
+    window = settings.services.ollama.download.allowed_window
+    at_0310 = IN_WINDOW + timedelta(minutes=10)
+    missed = missed_run(window, cron_trigger(settings), state, at_0310)
+    assert missed == datetime(2024, 3, 10, 3, 0, tzinfo=UTC8)  # a restart catches up
+
+
+class _FlakyTransport:
+    """Raises ValueError (not about the name) on its first pull, then succeeds."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def pull(self, target: PullTarget, model: str, progress: PullProgress) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            raise ValueError("unexpected progress line")
+        progress("success", 1, 1)
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_transports_value_error_is_retried_not_taken_for_a_bad_name(tmp_path):
+    transport = _FlakyTransport()
+    async with Emulator(EmulatorConfig(models=["llama3.1:8b"])) as emu:
+        settings = make_settings(tmp_path, [("a", emu)], models=["llama3.1:8b"], fallback=[])
+        result = await run_sync(
+            settings, SyncOptions(), now=FakeNow(IN_WINDOW), transports=lambda _: transport
+        )
+    (outcome,) = result.outcomes
+    assert (outcome.status, outcome.attempts) == ("pulled", 2)
+    assert transport.calls == 2
+
+
+async def test_a_bad_name_that_reaches_the_pulls_fails_before_any_transport(tmp_path, monkeypatch):
+    # Options and settings refuse such names already; the pull step checks once more.
+    monkeypatch.setattr(sync_engine, "select_models", lambda settings, options: ["a;b"])
+    transport = _FlakyTransport()
+    async with Emulator(EmulatorConfig(models=[])) as emu:
+        settings = make_settings(tmp_path, [("a", emu)], models=["llama3.1:8b"], fallback=[])
+        result = await run_sync(
+            settings, SyncOptions(), now=FakeNow(IN_WINDOW), transports=lambda _: transport
+        )
+    (outcome,) = result.outcomes
+    assert outcome.status == "failed"
+    assert outcome.attempts == 0
+    assert "a;b" in str(outcome.error)
+    assert transport.calls == 0
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+async def test_olmd_sync_stopped_by_a_signal_records_the_run_and_exits_1(tmp_path, sig):
+    import signal
+    import sys
+
+    config = EmulatorConfig(models=[], pull_size=50_000_000, pull_speed=1_000_000)
+    async with Emulator(config) as emu:
+        settings = make_settings(tmp_path, [("a", emu)], models=["llama3.1:8b"], fallback=[])
+        settings_file = tmp_path / "settings.json"
+        data = settings.model_dump(mode="json", include={"services", "jobs"})
+        settings_file.write_text(json.dumps(data))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "daemon", "sync", "--ignore-window",
+            "--config", str(settings_file),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            cwd=PROJECT_ROOT,
+        )  # fmt: skip
+        try:
+            for _ in range(500):
+                if emu.state.stats.pulls_in_flight:
+                    break
+                await asyncio.sleep(0.02)
+            assert emu.state.stats.pulls_in_flight
+            proc.send_signal(getattr(signal, sig))
+            out, _ = await asyncio.wait_for(proc.communicate(), 20)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    assert proc.returncode == 1
+    assert json.loads(out)["outcomes"][0]["status"] == "deferred"
+    entry = entry_in(manifest_of(settings), "a", "llama3.1:8b")
+    assert entry.status == "deferred"
+    assert f"olmd sync got {sig}" in str(entry.last_error)
+    state = read_state(state_path(settings.jobs.ollama_sync.manifest_path))
+    assert state.last_outcome == "failed"

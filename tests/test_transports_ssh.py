@@ -36,6 +36,16 @@ if [ "$1" != pull ]; then echo "Error: unknown command $1" >&2; exit 1; fi
 case "$2" in
   ghost*) echo "Error: pull model manifest: file does not exist" >&2; exit 1 ;;
   slow*) printf 'pulling manifest\n' >&2; exec sleep 3 ;;
+  crawl*)
+    # A slow link: the rounded bytes stand still, percent/speed/time left move; then a
+    # quiet digest check longer than the stall timeout (but within its allowance).
+    for eta in 19m 18m 17m 16m 15m 14m 13m; do
+      printf "\033[2Kpulling 8eeb52dfb3bb:  50%% 1.0 GB/2.0 GB  1.$eta KB/s  $eta\r" >&2
+      sleep 0.12
+    done
+    printf "\033[2Kpulling 8eeb52dfb3bb: 100%% 2.0 GB\nverifying sha256 digest\n" >&2
+    sleep 0.5
+    printf 'writing manifest\nsuccess\n' >&2; exit 0 ;;
 esac
 printf '\033[?25lpulling manifest \342\240\213\r' >&2
 BAR='\342\226\225\342\226\210\342\226\210  \342\226\217'
@@ -172,9 +182,11 @@ async def test_pull_runs_ollama_with_the_name_as_one_argument(ssh_node):
     assert ssh_node.argv() == [["pull", "llama3.1:8b"]]
     statuses = [status for status, _, _ in ssh_node.calls]
     assert statuses[0] == "pulling manifest"  # escape codes and spinner stripped
-    assert "pulling 8eeb52dfb3bb" in statuses
+    # The whole line without the bar: any change in it is activity for the engine.
+    line = "pulling 8eeb52dfb3bb: 50% 1.0 GB/2.0 GB 100 MB/s 10s"
+    assert statuses[1] == line
     assert statuses[-1] == "success"
-    assert ("pulling 8eeb52dfb3bb", 1_000_000_000, 2_000_000_000) in ssh_node.calls
+    assert (line, 1_000_000_000, 2_000_000_000) in ssh_node.calls
     assert ssh_node.calls[-1][1:] == (2_000_000_000, 2_000_000_000)
 
 
@@ -331,3 +343,26 @@ async def test_the_engine_pulls_over_ssh_and_aborts_a_node_with_an_unknown_key(s
     assert second.attempts == 0  # the node was abandoned: never tried
     assert second.error == first.error
     assert ssh_node.commands == []
+
+
+async def test_a_slow_but_moving_pull_and_a_long_digest_check_are_not_stalls(ssh_node, tmp_path):
+    # Bytes as the CLI rounds them never change for 0.84 s, and the digest check is
+    # silent for 0.5 s, against a stall timeout of 0.3 s: neither is a stall.
+    async with Emulator(EmulatorConfig(models=["crawl:1b"])) as api:
+        settings = make_settings(
+            tmp_path, [("gpu-b", api)], models=["crawl:1b"], fallback=[],
+            download={"stall_timeout": 0.3},
+        )  # fmt: skip
+        data = settings.model_dump(mode="json", include={"services", "jobs"})
+        node = data["services"]["ollama"]["nodes"][0]
+        node.update(transport="ssh", ssh_host="127.0.0.1", ssh_port=ssh_node.port)
+        data["ssh"] = {"known_hosts": ssh_node.target.known_hosts}
+        settings = type(settings)(
+            **data, OLLAMA_SSH_KEY_PATH=ssh_node.target.ssh_key_path, OLLAMA_SSH_USER="olmd"
+        )
+        with capture_logs() as logs:
+            result = await run_sync(settings, SyncOptions(), now=FakeNow(IN_WINDOW))
+    (outcome,) = result.outcomes
+    assert not [e for e in logs if e["event"] == "sync.pull_retry"]
+    assert (outcome.status, outcome.attempts, outcome.error) == ("pulled", 1, None)
+    assert ssh_node.argv() == [["pull", "crawl:1b"]]

@@ -22,6 +22,8 @@ _ESCAPES = re.compile(r"\x1b(?:\[[0-9;?]*[ -/]*[@-~]|[@-Z\\-_])")
 _LINE_BREAKS = re.compile(r"[\r\n]")
 # The CLI's spinner (braille dots) turns on every redraw; it is not progress.
 _SPINNER = re.compile(r"[\u2800-\u28ff]")
+# The bar itself (block elements); what is left of the line is the status text.
+_BAR = re.compile(r"[\u2580-\u259f]")
 # "pulling 8eeb52dfb3bb:  42% ▕██    ▏ 2.0 GB/4.7 GB  50 MB/s  54s"; a finished layer
 # shows only its size: "pulling 8eeb52dfb3bb: 100% ▕██████▏ 4.7 GB".
 _LAYER = re.compile(r"pulling (?P<id>[0-9a-f]{6,64})\b")
@@ -145,7 +147,13 @@ async def _run(
 
 
 class _ProgressParser:
-    """Turns the CLI's redrawn bars into (status, completed, total) reports."""
+    """Turns the CLI's redrawn bars into (status, completed, total) reports.
+
+    The status is the whole progress line without the bar ("pulling 8eeb52dfb3bb: 42%
+    2.0 GB/4.7 GB 50 MB/s 54s"): the CLI rounds bytes to three digits, so on a slow link
+    they stand still for minutes while percent, speed and time left move, and the engine
+    counts any change of status as activity.
+    """
 
     def __init__(self, progress: PullProgress) -> None:
         self._progress = progress
@@ -160,10 +168,9 @@ class _ProgressParser:
         self.last_line = line
         if line.startswith("Error:"):
             self.last_error = line.removeprefix("Error:").strip()
-        status = line
+        status = " ".join(_BAR.sub(" ", line).split())
         layer = _LAYER.search(line)
         if layer is not None:
-            status = f"pulling {layer['id'][:12]}"
             counts = _DONE_OF_TOTAL.search(line)
             size = _SIZE.search(line)
             if counts is not None:
