@@ -123,6 +123,7 @@ def _ssh_target(settings: Settings, node: NodeSettings) -> tuple[str, int, Path,
         "known_hosts": str(known_hosts),  # never None: that would trust any key
         "connect_timeout": settings.ssh.connect_timeout,
         "config": None,  # as the sync: the settings decide, not ~/.ssh/config
+        "x509_trusted_certs": None,  # only known_hosts decides, no X.509 host certificates
     }
     if settings.ssh_key_path:
         # Read here, not by asyncssh, so that no error message carries the key's path: it

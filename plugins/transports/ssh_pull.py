@@ -105,6 +105,8 @@ def _connect_options(target: PullTarget, known_hosts: Path, where: str) -> dict[
         "connect_timeout": target.connect_timeout,
         # Settings are the one source of truth: no ~/.ssh/config surprises.
         "config": None,
+        # Only known_hosts decides: no X.509 host certificates from ~/.ssh/ca-bundle.crt.
+        "x509_trusted_certs": None,
     }
     if target.ssh_key_path:
         options["client_keys"] = [_client_key(target.ssh_key_path, where)]
