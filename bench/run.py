@@ -43,6 +43,8 @@ from procs import (
 )
 from report import POST_CONCURRENCY, STREAM_CONCURRENCY, Column
 
+from daemon.cli import run_async  # uvloop when installed, as olmd runs
+
 HERE = Path(__file__).resolve().parent
 MODEL = "llama3.1:8b"
 POST_BODY = json.dumps({"model": MODEL, "prompt": "hi", "stream": False})
@@ -233,7 +235,7 @@ def post_load(
 ) -> loadgen.PostResult:
     if loadgen.have_wrk():
         return loadgen.wrk_post(url, POST_BODY, concurrency, seconds, work, cpu)
-    return loadgen.run_async(loadgen.python_post(url, POST_BODY, concurrency, seconds))
+    return run_async(loadgen.python_post(url, POST_BODY, concurrency, seconds))
 
 
 def measure_posts(
@@ -257,9 +259,7 @@ def measure_streams(column: Column, pid: int | None, args: argparse.Namespace) -
     for concurrency in STREAM_CONCURRENCY:
         time.sleep(SETTLE)
         before, started = (cpu_seconds(pid) if pid else 0.0), time.monotonic()
-        result = loadgen.run_async(
-            loadgen.python_stream(url, STREAM_BODY, concurrency, args.duration)
-        )
+        result = run_async(loadgen.python_stream(url, STREAM_BODY, concurrency, args.duration))
         column.stream.setdefault(concurrency, []).append(result)
         if pid and concurrency == STREAM_CONCURRENCY[-1]:
             used = cpu_seconds(pid) - before
@@ -291,7 +291,7 @@ def profile_olmd(
         time.sleep(0.5)  # py-spy attaches
         if kind == "streaming":
             configure_emulators(nodes, tokens=args.stream_tokens, token_delay=args.token_delay)
-            loadgen.run_async(loadgen.python_stream(url, STREAM_BODY, 64, seconds + 1))
+            run_async(loadgen.python_stream(url, STREAM_BODY, 64, seconds + 1))
         else:
             configure_emulators(nodes, tokens=POST_TOKENS, token_delay=0.0)
             post_load(url, POST_CONCURRENCY[-1], seconds + 1, work, cpu)
