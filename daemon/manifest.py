@@ -190,12 +190,19 @@ def compute_drift(nodes: Iterable[NodeEntry]) -> list[DriftEntry]:
 
 
 def merge_previous(
-    new: Manifest, previous: Manifest | None, *, keep: Iterable[str] = ()
+    new: Manifest,
+    previous: Manifest | None,
+    *,
+    keep: Iterable[str] = (),
+    handled: Iterable[str] | None = None,
 ) -> Manifest:
     """Fold the previous manifest into ``new`` so no node's knowledge silently vanishes.
 
     * A reachable node is taken from ``new`` as is (``stale=False``); a missing
       ``last_confirmed`` becomes ``new.generated_at``.
+    * A node ``new`` already marks stale (it answered this run's first inventory but not
+      its final one) is taken from ``new`` as is: its entries, confirmed at its
+      ``last_confirmed``, are fresher than the previous manifest's.
     * An unreachable node that the previous manifest knew keeps its previous model
       entries and Ollama version, with ``stale=True`` and ``last_confirmed`` from when it
       was last reachable (carried through any number of stale runs). Entries the new
@@ -204,10 +211,18 @@ def merge_previous(
     * Nodes in ``previous`` but not in ``new`` are dropped (removed from settings),
       except those named in ``keep``, which are carried over unchanged: use it for the
       configured nodes a ``--host`` run did not touch.
+    * ``handled``: the models a run narrowed by ``--models`` dealt with (None: a whole
+      run, which speaks for every model). On the nodes such a run answered, the previous
+      entries of every other model survive: a ``failed``, ``deferred`` or ``missing``
+      entry for a model the node does not list is carried over unchanged; a model the
+      node lists comes from ``new`` (its live inventory), but keeps its previous
+      ``failed`` or ``deferred`` record while its digest is the one that record saw.
+      Entries saying the node held a model it no longer lists are dropped.
 
     The drift list is recomputed over the merged nodes.
     """
-    merged = [_merge_node(node, new, previous) for node in new.nodes]
+    done = None if handled is None else frozenset(handled)
+    merged = [_merge_node(node, new, previous, done) for node in new.nodes]
     present = {n.name for n in merged}
     for name in dict.fromkeys(keep):
         kept = previous.node(name) if previous else None
@@ -216,11 +231,21 @@ def merge_previous(
     return new.model_copy(update={"nodes": merged, "drift": compute_drift(merged)})
 
 
-def _merge_node(node: NodeEntry, new: Manifest, previous: Manifest | None) -> NodeEntry:
-    if node.reachable:
-        now = node.last_confirmed or new.generated_at
-        return node.model_copy(update={"stale": False, "last_confirmed": now})
+# Statuses that record a problem rather than what the node holds.
+_OUTSTANDING: frozenset[str] = frozenset({"failed", "deferred", "missing"})
+
+
+def _merge_node(
+    node: NodeEntry, new: Manifest, previous: Manifest | None, handled: frozenset[str] | None
+) -> NodeEntry:
     before = previous.node(node.name) if previous else None
+    if node.reachable or node.stale:
+        if node.reachable:
+            now = node.last_confirmed or new.generated_at
+            node = node.model_copy(update={"stale": False, "last_confirmed": now})
+        if handled is None or before is None:
+            return node
+        return node.model_copy(update={"models": _carry_over(node, before, handled)})
     if previous is None or before is None or not (before.reachable or before.stale):
         return node  # nothing was ever confirmed about it: nothing to keep
     # Reachable last time: confirmed then (older writers may not have said when).
@@ -238,6 +263,31 @@ def _merge_node(node: NodeEntry, new: Manifest, previous: Manifest | None) -> No
             "models": models,
         }
     )
+
+
+def _carry_over(node: NodeEntry, before: NodeEntry, handled: frozenset[str]) -> list[ModelEntry]:
+    """``node``'s entries with ``before``'s records of the models a narrowed run left alone."""
+    models = []
+    for entry in node.models:
+        old = before.model(entry.name)
+        if (
+            entry.name not in handled
+            and old is not None
+            and old.status in _OUTSTANDING
+            and entry.digest is not None
+            and old.digest == entry.digest
+        ):
+            # The node still holds what that failure left it with: the record stands.
+            live = {"size": entry.size, "modified_at": entry.modified_at}
+            entry = old.model_copy(update=live)
+        models.append(entry)
+    listed = {m.name for m in node.models}
+    models += [
+        old
+        for old in before.models
+        if old.name not in listed and old.name not in handled and old.status in _OUTSTANDING
+    ]
+    return models
 
 
 def read_manifest(path: Path) -> Manifest | None:

@@ -135,12 +135,20 @@ class SyncEngine:
                 self.progress.phase = "verifying"
                 reachable = [t for t in targets if inventories[t.name].reachable]
                 after = await _inventory_all(session, reachable)
+                # A node that answered before the pulls but not now: what it did is
+                # unknown, so its pulls stay as reported and the node is marked stale.
+                lost = {
+                    k: v.error or "node unreachable" for k, v in after.items() if not v.reachable
+                }
+                if lost:
+                    log.warning("sync.final_inventory_failed", nodes=lost)
                 final = {**inventories, **{k: v for k, v in after.items() if v.reachable}}
-                check_pulled(outcomes, final)
+                check_pulled(outcomes, final, lost)
                 result = self._write(
                     SyncResult(options, started, started, str(window), plan, outcomes),
                     targets,
                     final,
+                    lost,
                 )
             except Exception as exc:
                 self._save_state(started, "error", error=str(exc))
@@ -148,7 +156,11 @@ class SyncEngine:
         result.finished_at = self._now()
         self._save_state(started, "ok" if result.ok else "failed", result=result)
         if self._metrics is not None:
-            present = {name: len(inv.models) for name, inv in final.items() if inv.reachable}
+            present = {
+                name: len(inv.models)
+                for name, inv in final.items()
+                if inv.reachable and name not in lost
+            }
             self._metrics.record_result(result, present, self._clock() - t0)
         self.progress.phase = "done"
         log.info(
@@ -346,7 +358,11 @@ class SyncEngine:
     # -- results -------------------------------------------------------------------------
 
     def _write(
-        self, result: SyncResult, targets: list[Target], final: dict[str, Inventory]
+        self,
+        result: SyncResult,
+        targets: list[Target],
+        final: dict[str, Inventory],
+        lost: dict[str, str],
     ) -> SyncResult:
         path = self.settings.jobs.ollama_sync.manifest_path
         manifest = build_manifest(
@@ -356,6 +372,8 @@ class SyncEngine:
             targets=targets,
             inventories=final,
             outcomes=result.outcomes,
+            unconfirmed=lost,
+            confirmed_at=result.started_at,
         )
         try:
             previous = read_manifest(path)
@@ -365,7 +383,9 @@ class SyncEngine:
             previous = None
         ours = {t.name for t in targets}
         untouched = [n.name for n in self.settings.nodes() if n.name not in ours]
-        merged = merge_previous(manifest, previous, keep=untouched)
+        # A --models run speaks only for its models: the others' records are kept.
+        handled = {o.model for o in result.outcomes} if self.options.models else None
+        merged = merge_previous(manifest, previous, keep=untouched, handled=handled)
         write_manifest(path, merged)
         result.manifest, result.manifest_path = merged, path
         result.stopped = self._stop_reason

@@ -214,14 +214,26 @@ def build_plan(
     return plan
 
 
-def check_pulled(outcomes: Iterable[Outcome], final: Mapping[str, Inventory]) -> None:
+def check_pulled(
+    outcomes: Iterable[Outcome],
+    final: Mapping[str, Inventory],
+    unconfirmed: Mapping[str, str] | None = None,
+) -> None:
     """Turn a "pulled" the node does not list afterwards into "failed".
 
     The node's own list is the truth, not a pull's last line; the manifest must show a
-    success that left nothing behind.
+    success that left nothing behind. A node in ``unconfirmed`` (node → why its final
+    inventory failed) could not be asked: its pulls stay as the transport reported them,
+    with a note that they are unconfirmed, rather than an invented failure.
     """
+    unconfirmed = unconfirmed or {}
     for o in outcomes:
-        if o.status == "pulled" and o.model not in final[o.node].models:
+        if o.status != "pulled":
+            continue
+        reason = unconfirmed.get(o.node)
+        if reason is not None:
+            o.error = f"pulled, but not confirmed: the final inventory failed ({reason})"
+        elif o.model not in final[o.node].models:
             o.status = "failed"
             o.error = "the pull reported success but the node does not list the model"
 
@@ -269,13 +281,21 @@ def build_manifest(
     targets: Iterable[Target],
     inventories: Mapping[str, Inventory],
     outcomes: Iterable[Outcome],
+    unconfirmed: Mapping[str, str] | None = None,
+    confirmed_at: datetime | None = None,
 ) -> Manifest:
     """This run's manifest, before :func:`daemon.manifest.merge_previous` folds in the last.
 
     A reachable node lists the planned models first (with what the run did), then every
     other model it holds as ``present``. An unreachable node lists the planned models as
     failed; merging puts its last known entries back, marked stale.
+
+    A node in ``unconfirmed`` answered the first inventory (``inventories`` holds that
+    one) but not the final one: it is listed as for a reachable node, but with
+    ``reachable=False``, ``stale=True`` and ``last_confirmed=confirmed_at`` (when the
+    first inventory was taken), since nothing after that was confirmed.
     """
+    unconfirmed = unconfirmed or {}
     by_node: dict[str, list[Outcome]] = {}
     for outcome in outcomes:
         by_node.setdefault(outcome.node, []).append(outcome)
@@ -287,12 +307,15 @@ def build_manifest(
         if inventory.reachable:
             names = {o.model for o in planned}
             entries += [e for name, e in inventory.models.items() if name not in names]
+        lost = inventory.reachable and target.name in unconfirmed
         nodes.append(
             NodeEntry(
                 name=target.name,
                 address=target.url,
                 ollama_version=inventory.version,
-                reachable=inventory.reachable,
+                reachable=inventory.reachable and not lost,
+                stale=lost,
+                last_confirmed=confirmed_at if lost else None,
                 models=entries,
             )
         )

@@ -247,6 +247,53 @@ def test_nodes_missing_from_the_new_run_are_dropped_unless_kept() -> None:
     assert kept.node("gpu2") == previous.node("gpu2")
 
 
+def test_a_narrowed_run_keeps_the_records_of_models_it_did_not_handle() -> None:
+    failed = ModelEntry(
+        name="b", status="failed", attempts=3, seconds=1.5, last_error="no such model"
+    )
+    deferred = ModelEntry(
+        name="c", digest=DIGEST_A, size=10, status="deferred", attempts=1, last_error="window"
+    )
+    changed = ModelEntry(name="d", digest=DIGEST_A, status="failed", last_error="old")
+    previous = manifest(
+        node("gpu1", model("a", None, "failed"), failed, deferred, changed, model("gone")),
+        node("gpu2", model("a")),
+    )
+    # gpu1 answered: "a" handled (pulled); it still lists c (same digest), d changed.
+    live_c = ModelEntry(name="c", digest=DIGEST_A, size=11, status="present")
+    new = manifest(
+        node("gpu1", model("a", DIGEST_B, "pulled"), live_c, model("d", DIGEST_B)),
+        node("gpu2", model("a", DIGEST_B, "pulled")),
+        at=T0 + timedelta(days=1),
+    )
+    merged = merge_previous(new, previous, handled=["a"])
+    gpu1 = merged.node("gpu1")
+    assert gpu1 is not None
+    assert [(m.name, m.status) for m in gpu1.models] == [
+        ("a", "pulled"),  # handled: this run's word
+        ("c", "deferred"),  # still what the deferral left: the record stands, live size
+        ("d", "present"),  # the node holds another digest now: live inventory
+        ("b", "failed"),  # not held, not handled: carried over unchanged
+    ]  # "gone" claimed the node held it; the node no longer lists it
+    assert gpu1.model("b") == failed
+    assert gpu1.model("c") == deferred.model_copy(update={"size": 11})
+    assert not gpu1.stale
+    # A whole run speaks for every model: nothing is carried.
+    full = merge_previous(new, previous)
+    assert [m.name for m in full.nodes[0].models] == ["a", "c", "d"]
+    assert full.nodes[0].model("c") == live_c
+
+
+def test_a_node_the_new_run_marks_stale_is_taken_as_is() -> None:
+    previous = manifest(node("gpu1", model("m", None, "missing")))
+    at = T0 + timedelta(days=1)
+    lost = node("gpu1", model("m", None, "pulled"), reachable=False).model_copy(
+        update={"stale": True, "last_confirmed": at - timedelta(minutes=5)}
+    )
+    merged = merge_previous(manifest(lost, at=at), previous)
+    assert merged.node("gpu1") == lost
+
+
 # -- files ---------------------------------------------------------------------------------
 
 

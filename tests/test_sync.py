@@ -225,6 +225,33 @@ async def test_models_and_host_narrow_the_run_and_keep_other_nodes(nodes, tmp_pa
         await run_sync(settings, SyncOptions(host="nope"), now=FakeNow(IN_WINDOW))
 
 
+async def test_a_models_run_keeps_the_failures_of_models_it_did_not_handle(tmp_path):
+    config = EmulatorConfig(models=[], unavailable=["ghost:1b"], **SMALL_PULL)
+    async with Emulator(config) as a, Emulator(EmulatorConfig(models=[], **SMALL_PULL)) as b:
+        settings = make_settings(
+            tmp_path, [("a", a), ("b", b)], models=["qwen3:8b", "ghost:1b"], fallback=[]
+        )
+        await run_sync(settings, SyncOptions(), now=FakeNow(IN_WINDOW))
+        before = entry_in(manifest_of(settings), "a", "ghost:1b")
+        assert before.status == "failed"
+        assert "file does not exist" in str(before.last_error)
+        first_qwen = entry_in(manifest_of(settings), "a", "qwen3:8b")
+        later = FakeNow(IN_WINDOW + timedelta(minutes=30))
+        result = await run_sync(settings, SyncOptions(models=("qwen3:8b",)), now=later)
+    assert result.ok
+    assert {(o.node, o.model) for o in result.outcomes} == {("a", "qwen3:8b"), ("b", "qwen3:8b")}
+    manifest = manifest_of(settings)
+    assert entry_in(manifest, "a", "ghost:1b") == before  # last night's failure, unchanged
+    assert entry_in(manifest, "b", "ghost:1b").status == "present"  # b holds it: live list
+    qwen = entry_in(manifest, "a", "qwen3:8b")
+    assert qwen.status == "pulled"
+    assert qwen.modified_at is not None
+    assert first_qwen.modified_at is not None
+    assert qwen.modified_at > first_qwen.modified_at  # updated by this run
+    assert node_in(manifest, "a").reachable
+    assert not node_in(manifest, "a").stale
+
+
 def test_options_refuse_bad_model_names_and_unknown_keys():
     with pytest.raises(ValidationError, match="invalid model name"):
         SyncOptions(models=("llama3; rm -rf /",))
@@ -379,6 +406,65 @@ async def test_an_unreachable_node_keeps_its_last_entries_marked_stale(nodes, tm
     assert node_in(manifest, "a").stale is False
     path = settings.jobs.ollama_sync.manifest_path
     assert read_manifest(path.with_name(path.name + ".prev")) == first.manifest
+
+
+class _StopAfterPull:
+    """The real HTTP transport; stops ``emu`` once a pull on node ``victim`` finished."""
+
+    def __init__(self, victim: str, emu: Emulator) -> None:
+        self.inner = sync_engine._registry_transport("http")
+        self.victim, self.emu = victim, emu
+
+    async def pull(self, target: PullTarget, model: str, progress: PullProgress) -> None:
+        await self.inner.pull(target, model, progress)
+        if target.name == self.victim:
+            await self.emu.stop()  # after its pull, before the final inventory
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_node_lost_before_the_final_inventory_keeps_its_pulls_unconfirmed(tmp_path):
+    async with (
+        Emulator(EmulatorConfig(models=[], **SMALL_PULL)) as a,
+        Emulator(EmulatorConfig(models=["qwen3:8b"], **SMALL_PULL)) as b,
+    ):
+        settings = make_settings(
+            tmp_path, [("a", a), ("b", b)], models=["llama3.1:8b", "qwen3:8b"], fallback=[]
+        )
+        await run_sync(settings, SyncOptions(no_download=True), now=FakeNow(IN_WINDOW))
+        transport = _StopAfterPull("b", b)
+        later = FakeNow(IN_WINDOW + timedelta(minutes=30))
+        with capture_logs() as logs:
+            result = await run_sync(
+                settings,
+                SyncOptions(skip_existing=True),
+                now=later,
+                transports=lambda _: transport,
+            )
+    assert (pulls(a), pulls(b)) == (2, 1)  # b: llama3.1:8b only, then it went away
+    assert result.ok, result.to_dict()  # no failure was invented
+    outcome = by_key(result)
+    assert outcome[("b", "llama3.1:8b")].status == "pulled"
+    assert "not confirmed: the final inventory failed" in str(outcome[("b", "llama3.1:8b")].error)
+    assert outcome[("b", "qwen3:8b")].status == "skipped"
+    for model in ("llama3.1:8b", "qwen3:8b"):
+        assert outcome[("a", model)].status == "pulled"
+        assert outcome[("a", model)].error is None
+    assert any(e["event"] == "sync.final_inventory_failed" for e in logs)
+    manifest = manifest_of(settings)
+    node_b = node_in(manifest, "b")
+    assert not node_b.reachable
+    assert node_b.stale
+    assert node_b.last_confirmed == result.started_at  # its first inventory, this run
+    llama = entry_in(manifest, "b", "llama3.1:8b")
+    assert llama.status == "pulled"  # this run's word, not the previous "missing"
+    assert "not confirmed" in str(llama.last_error)
+    qwen = entry_in(manifest, "b", "qwen3:8b")
+    assert (qwen.status, qwen.digest is not None) == ("skipped", True)  # as first listed
+    node_a = node_in(manifest, "a")
+    assert (node_a.reachable, node_a.stale) == (True, False)
+    assert entry_in(manifest, "a", "llama3.1:8b").last_error is None
 
 
 async def test_drift_between_nodes_is_listed(tmp_path):
