@@ -2,13 +2,12 @@
 watchdog, stop at the window's close, write the manifest and the state file.
 
 Use it through :mod:`daemon.sync` (``run_sync``, ``SyncService``), which holds the lock.
-The pure half (options, plan, outcomes, manifest assembly) is :mod:`daemon.sync_plan`.
+Its parts: :mod:`daemon.sync_plan`, :mod:`daemon.sync_inventory`, :mod:`daemon.sync_manifest`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -20,10 +19,12 @@ import aiohttp
 from daemon import registry
 from daemon.domain import ModelRef
 from daemon.logs import get_logger
-from daemon.manifest import ManifestError, merge_previous, read_manifest, write_manifest
 from daemon.metrics import SyncMetrics
 from daemon.ports import PullError, PullTransport
 from daemon.settings import Settings
+from daemon.sync_inventory import check_pulled
+from daemon.sync_inventory import inventory_all as _inventory_all  # tests patch this name
+from daemon.sync_manifest import write_run_manifest
 from daemon.sync_plan import (
     Inventory,
     Outcome,
@@ -31,10 +32,7 @@ from daemon.sync_plan import (
     SyncProgress,
     SyncResult,
     Target,
-    build_manifest,
     build_plan,
-    check_pulled,
-    parse_tags,
     select_models,
     select_targets,
 )
@@ -364,30 +362,9 @@ class SyncEngine:
         final: dict[str, Inventory],
         lost: dict[str, str],
     ) -> SyncResult:
-        path = self.settings.jobs.ollama_sync.manifest_path
-        manifest = build_manifest(
-            generated_at=self._now(),
-            window=result.window,
-            options=self.options,
-            targets=targets,
-            inventories=final,
-            outcomes=result.outcomes,
-            unconfirmed=lost,
-            confirmed_at=result.started_at,
+        write_run_manifest(
+            self.settings, self.options, result, targets, final, lost, generated_at=self._now()
         )
-        try:
-            previous = read_manifest(path)
-        except ManifestError as exc:
-            # Written anyway: the unreadable file is kept as .prev by write_manifest.
-            log.error("sync.previous_manifest_unreadable", error=str(exc).splitlines()[0])
-            previous = None
-        ours = {t.name for t in targets}
-        untouched = [n.name for n in self.settings.nodes() if n.name not in ours]
-        # A --models run speaks only for its models: the others' records are kept.
-        handled = {o.model for o in result.outcomes} if self.options.models else None
-        merged = merge_previous(manifest, previous, keep=untouched, handled=handled)
-        write_manifest(path, merged)
-        result.manifest, result.manifest_path = merged, path
         result.stopped = self._stop_reason
         return result
 
@@ -422,30 +399,3 @@ async def _settle(task: asyncio.Task[None]) -> None:
     await asyncio.wait({task})
     if not task.cancelled():
         task.exception()  # retrieved, so asyncio does not report it as never retrieved
-
-
-async def _inventory_all(
-    session: aiohttp.ClientSession, targets: Iterable[Target]
-) -> dict[str, Inventory]:
-    targets = list(targets)
-    found = await asyncio.gather(*(_inventory(session, t) for t in targets))
-    return {t.name: inv for t, inv in zip(targets, found, strict=True)}
-
-
-async def _inventory(session: aiohttp.ClientSession, target: Target) -> Inventory:
-    """What the node holds, from its HTTP API (SSH nodes too: digests come from there)."""
-    try:
-        async with session.get(f"{target.url}/api/tags") as response:
-            response.raise_for_status()
-            models = parse_tags(await response.json(content_type=None))
-    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        reason = str(exc) or type(exc).__name__
-        log.warning("sync.node_unreachable", node=target.name, error=reason)
-        return Inventory(reachable=False, error=f"cannot list models at {target.url}: {reason}")
-    version = None
-    with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
-        async with session.get(f"{target.url}/api/version") as response:
-            if response.status == 200:
-                data = await response.json(content_type=None)
-                version = str(data.get("version")) if isinstance(data, dict) else None
-    return Inventory(reachable=True, version=version, models=models)

@@ -1,5 +1,6 @@
-"""The sync engine's pure half: options, targets, the plan, outcomes and the manifest built
-from them. No I/O and no clock; :mod:`daemon.sync` runs it.
+"""The sync engine's pure half: options, targets, the plan, outcomes, the run's result and
+its live progress. No I/O and no clock; :mod:`daemon.sync` runs it. The node inventory is
+read in :mod:`daemon.sync_inventory`, the manifest built in :mod:`daemon.sync_manifest`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from daemon.domain import ModelRef
-from daemon.manifest import Manifest, ModelEntry, ModelStatus, NodeEntry, normalise_digest
+from daemon.manifest import Manifest, ModelEntry, ModelStatus
 from daemon.settings import NodeSettings, Settings
 
 __all__ = [
@@ -25,10 +26,7 @@ __all__ = [
     "SyncProgress",
     "SyncResult",
     "Target",
-    "build_manifest",
     "build_plan",
-    "check_pulled",
-    "parse_tags",
     "select_models",
     "select_targets",
 ]
@@ -129,52 +127,6 @@ class Inventory:
     error: str | None = None
 
 
-def parse_tags(payload: object) -> dict[str, ModelEntry]:
-    """``/api/tags`` as manifest entries (status ``present``). Raises ``ValueError`` if the
-    payload is not a model list. A digest that is not sha256 is dropped and said so in
-    the entry's ``last_error``: a truncated digest cannot be compared across nodes."""
-    if not isinstance(payload, dict) or not isinstance(payload.get("models"), list):
-        raise ValueError("/api/tags did not return a model list")
-    out: dict[str, ModelEntry] = {}
-    for item in payload["models"]:
-        if not isinstance(item, dict):
-            continue
-        try:
-            name = ModelRef.parse(str(item.get("name") or item.get("model") or "")).name
-        except ValueError:
-            continue  # a name we could never pull or route to; not ours to record
-        digest, error = None, None
-        try:
-            digest = normalise_digest(str(item.get("digest", "")), model=name)
-        except ValueError as exc:
-            error = str(exc)
-        size = item.get("size")
-        out[name] = ModelEntry(
-            name=name,
-            digest=digest,
-            size=size if isinstance(size, int) and size >= 0 else None,
-            modified_at=_timestamp(item.get("modified_at")),
-            status="present",
-            last_error=error,
-        )
-    return out
-
-
-def _timestamp(value: object) -> datetime | None:
-    if not isinstance(value, str):
-        return None
-    # Ollama writes nanoseconds; Python reads at most microseconds.
-    head, dot, rest = value.partition(".")
-    if dot:
-        digits = len(rest) - len(rest.lstrip("0123456789"))
-        value = f"{head}.{rest[: min(digits, 6)]}{rest[digits:]}"
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo is not None else None
-
-
 @dataclass(frozen=True)
 class PlannedAction:
     """One decision: what the run does about ``model`` on ``node``, and why."""
@@ -214,30 +166,6 @@ def build_plan(
     return plan
 
 
-def check_pulled(
-    outcomes: Iterable[Outcome],
-    final: Mapping[str, Inventory],
-    unconfirmed: Mapping[str, str] | None = None,
-) -> None:
-    """Turn a "pulled" the node does not list afterwards into "failed".
-
-    The node's own list is the truth, not a pull's last line; the manifest must show a
-    success that left nothing behind. A node in ``unconfirmed`` (node → why its final
-    inventory failed) could not be asked: its pulls stay as the transport reported them,
-    with a note that they are unconfirmed, rather than an invented failure.
-    """
-    unconfirmed = unconfirmed or {}
-    for o in outcomes:
-        if o.status != "pulled":
-            continue
-        reason = unconfirmed.get(o.node)
-        if reason is not None:
-            o.error = f"pulled, but not confirmed: the final inventory failed ({reason})"
-        elif o.model not in final[o.node].models:
-            o.status = "failed"
-            o.error = "the pull reported success but the node does not list the model"
-
-
 def _short(digest: str | None) -> str:
     return digest[:19] if digest else "no digest"
 
@@ -271,73 +199,6 @@ class Outcome:
         if self.status is None or self.status in _GOOD:
             return True
         return self.action == "check" and self.status == "missing"
-
-
-def build_manifest(
-    *,
-    generated_at: datetime,
-    window: str,
-    options: SyncOptions,
-    targets: Iterable[Target],
-    inventories: Mapping[str, Inventory],
-    outcomes: Iterable[Outcome],
-    unconfirmed: Mapping[str, str] | None = None,
-    confirmed_at: datetime | None = None,
-) -> Manifest:
-    """This run's manifest, before :func:`daemon.manifest.merge_previous` folds in the last.
-
-    A reachable node lists the planned models first (with what the run did), then every
-    other model it holds as ``present``. An unreachable node lists the planned models as
-    failed; merging puts its last known entries back, marked stale.
-
-    A node in ``unconfirmed`` answered the first inventory (``inventories`` holds that
-    one) but not the final one: it is listed as for a reachable node, but with
-    ``reachable=False``, ``stale=True`` and ``last_confirmed=confirmed_at`` (when the
-    first inventory was taken), since nothing after that was confirmed.
-    """
-    unconfirmed = unconfirmed or {}
-    by_node: dict[str, list[Outcome]] = {}
-    for outcome in outcomes:
-        by_node.setdefault(outcome.node, []).append(outcome)
-    nodes = []
-    for target in targets:
-        inventory = inventories[target.name]
-        planned = by_node.get(target.name, [])
-        entries = [_entry(o, inventory.models.get(o.model)) for o in planned]
-        if inventory.reachable:
-            names = {o.model for o in planned}
-            entries += [e for name, e in inventory.models.items() if name not in names]
-        lost = inventory.reachable and target.name in unconfirmed
-        nodes.append(
-            NodeEntry(
-                name=target.name,
-                address=target.url,
-                ollama_version=inventory.version,
-                reachable=inventory.reachable and not lost,
-                stale=lost,
-                last_confirmed=confirmed_at if lost else None,
-                models=entries,
-            )
-        )
-    return Manifest(
-        generated_at=generated_at,
-        window=window,
-        options=options.model_dump(mode="json"),
-        nodes=nodes,
-    )
-
-
-def _entry(outcome: Outcome, held: ModelEntry | None) -> ModelEntry:
-    return ModelEntry(
-        name=outcome.model,
-        digest=held.digest if held else None,
-        size=held.size if held else None,
-        modified_at=held.modified_at if held else None,
-        status=outcome.status or "failed",
-        attempts=outcome.attempts,
-        seconds=round(outcome.seconds, 3),
-        last_error=outcome.error or (held.last_error if held else None),
-    )
 
 
 @dataclass
