@@ -6,8 +6,9 @@
 * :func:`sync_component` is the daemon's cleanup context: it puts a service on the
   application (``app[SYNC]``) and runs the nightly scheduler while the daemon runs.
 
-The engine is :mod:`daemon.sync_engine`, the pure half :mod:`daemon.sync_plan`, the lock
-and the state file :mod:`daemon.sync_state`.
+The engine is :mod:`daemon.sync_engine`, the pure half :mod:`daemon.sync_plan`, what the
+nodes hold :mod:`daemon.sync_inventory`, the manifest of a run :mod:`daemon.sync_manifest`,
+the lock and the state file :mod:`daemon.sync_state`.
 """
 
 from __future__ import annotations
