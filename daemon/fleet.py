@@ -75,6 +75,9 @@ class Node:
     def state(self, now: float) -> NodeState:
         return self.health.state(now)
 
+    def redact(self, text: str) -> str:
+        return self.config.redact(text)
+
 
 class Fleet:
     """The live node table. All methods run on the event loop; none awaits."""
@@ -136,13 +139,13 @@ class Fleet:
 
     def probe_failed(self, node: Node, now: float, detail: str) -> None:
         node.probed_at = now
-        node.health.record_probe(now, False, detail)
+        node.health.record_probe(now, False, node.redact(detail))
 
     def request_ok(self, node: Node, now: float) -> None:
         node.health.record_success(now)
 
     def request_failed(self, node: Node, now: float, kind: FailureKind, detail: str) -> None:
-        node.health.record_failure(now, kind, detail)
+        node.health.record_failure(now, kind, node.redact(detail))
 
     def model_missing(self, node: Node, key: str) -> None:
         node.missing.add(key)
@@ -161,7 +164,7 @@ class Fleet:
         remaining = health.cooldown_remaining(now)
         return {
             "name": node.name,
-            "url": node.url,
+            "url": node.config.shown_address,
             "weight": node.weight,
             "state": node.state(now).value,
             "version": node.version,

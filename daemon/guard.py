@@ -68,11 +68,15 @@ def is_admin(request: web.Request) -> bool:
 def check(request: web.Request, runtime: Runtime) -> web.Response | None:
     """The refusal for a request that may not proceed, or None to let it through."""
     # rel_url, not raw_path: an absolute-form request line ("GET http://h/admin HTTP/1.1")
-    # has the whole URL in raw_path, while the router matches rel_url's path.
-    path = normalise(request.rel_url.raw_path)
-    if path in OPEN:
+    # has the whole URL in raw_path, while the router matches rel_url's path. The route the
+    # router matched is judged too: normalising may read a path differently from it.
+    paths = {normalise(request.rel_url.raw_path)}
+    resource = request.match_info.route.resource
+    if resource is not None:
+        paths.add(resource.canonical.lower())
+    if paths <= OPEN:
         return None
-    if is_management(path) or path == "/admin" or path.startswith("/admin/"):
+    if any(is_management(p) or p == "/admin" or p.startswith("/admin/") for p in paths):
         if runtime.admin_token is None:
             return _error(403, "model management and /admin are disabled: set OLMD_ADMIN_TOKEN")
         if not _matches(_bearer(request), (runtime.admin_token,)):
@@ -95,7 +99,7 @@ def as_json(exc: web.HTTPException, runtime: Runtime) -> web.Response | None:
         return None
     message = exc.reason.lower()
     if exc.status == 413:
-        limit = runtime.settings.server.max_body_bytes
+        limit = runtime.server.max_body_bytes
         message = f"request body larger than the limit of {limit} bytes"
     headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
     return _error(exc.status, message, **headers)

@@ -53,7 +53,11 @@ class Prober:
     def configure(self, settings: Settings) -> None:
         self.interval = settings.routing.probe_interval
         self.timeout = settings.services.ollama.health_timeout
-        self._limit = asyncio.Semaphore(settings.routing.probe_concurrency)
+        concurrency = settings.routing.probe_concurrency
+        # A new semaphore only when the bound changes: probes in flight hold the old one.
+        if getattr(self, "_concurrency", None) != concurrency:
+            self._concurrency = concurrency
+            self._limit = asyncio.Semaphore(concurrency)
 
     def probe_soon(self, node: Node) -> None:
         self._due[node.name] = 0.0
@@ -77,7 +81,7 @@ class Prober:
         except TimeoutError:
             detail = f"no answer within {self.timeout:g}s"
         except (aiohttp.ClientError, ProbeError, ValueError, OSError) as exc:
-            detail = str(exc) or type(exc).__name__
+            detail = node.redact(str(exc) or type(exc).__name__)
         was_down = node.health.down
         self.fleet.probe_failed(node, self.clock(), detail)
         if node.health.down and not was_down:

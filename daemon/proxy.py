@@ -169,29 +169,32 @@ class Proxy:
 
     async def pass_through(self, request: web.Request, node: Node) -> web.StreamResponse:
         """Forward a request as it is (method, path, query, streamed body) to one node."""
+        response: web.StreamResponse | None = None
         try:
-            return await self._pass_through(request, node)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            detail = str(exc) or type(exc).__name__
-            return json_error(502, f"node {node.name}: {detail}", **{"X-Olmd-Node": node.name})
-
-    async def _pass_through(self, request: web.Request, node: Node) -> web.StreamResponse:
-        async with self.session.request(
-            request.method,
-            node.url + request.path_qs,
-            data=request.content if request.body_exists else None,
-            headers=forward_headers(request),
-            timeout=self.timeout,
-        ) as upstream:
-            response = web.StreamResponse(
-                status=upstream.status,
-                reason=upstream.reason,
-                headers=response_headers(upstream, node.name),
-            )
-            await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-            await response.write_eof()
+            async with self.session.request(
+                request.method,
+                node.url + request.path_qs,
+                data=request.content if request.body_exists else None,
+                headers=forward_headers(request),
+                timeout=self.timeout,
+            ) as upstream:
+                response = web.StreamResponse(
+                    status=upstream.status,
+                    reason=upstream.reason,
+                    headers=response_headers(upstream, node.name),
+                )
+                await response.prepare(request)
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+                await response.write_eof()
+                return response
+        except (aiohttp.ClientError, TimeoutError, ConnectionResetError) as exc:
+            detail = node.redact(str(exc) or type(exc).__name__)
+            if response is None or not response.prepared:
+                return json_error(502, f"node {node.name}: {detail}", **{"X-Olmd-Node": node.name})
+            # Headers and part of the body are out: end it the way a cut stream ends (if the
+            # client left, final_error finds nobody to tell, and that is fine).
+            await final_error(response, False, f"node {node.name}: {detail}")
             return response
 
     async def _attempt(

@@ -41,6 +41,9 @@ class Runtime:
     liveness: list[LivenessCheck] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        # [server] is read once: listen address, drain timeout and body limit stay as
+        # started until a restart, whatever a reload says.
+        self.server = self.settings.server
         self._credentials(self.settings)
 
     def _credentials(self, settings: Settings) -> None:

@@ -43,7 +43,7 @@ async def reload(runtime: Runtime, loader: Loader, notifier: Notifier, lock: asy
                 runtime.metrics.reloads.set(0)
                 log.error("reload_refused", source=exc.source, problems=exc.problems)
                 return False
-            if new.server != runtime.settings.server:
+            if new.server != runtime.server:
                 log.warning(
                     "reload_server_unchanged",
                     reason="[server] settings (listen address, drain timeout, body limit) "
@@ -123,6 +123,8 @@ async def serve(
     # cleanly instead of killing the process.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # A reload during start-up would otherwise kill the process (SIGHUP's default).
+    loop.add_signal_handler(signal.SIGHUP, lambda: log.warning("reload_ignored_while_starting"))
     try:
         await _start(runner, stop)
         if not stop.is_set():
@@ -133,6 +135,8 @@ async def serve(
                 loop.add_signal_handler(
                     signal.SIGHUP, lambda: spawn(reload(runtime, loader, notifier, reload_lock))
                 )
+            else:  # nothing to reload from (the demo): SIGHUP's default again
+                loop.remove_signal_handler(signal.SIGHUP)
             runtime.set_phase(Phase.READY)
             _announce(settings, port)
             notifier.ready(status=f"listening on {server.host}:{port}")

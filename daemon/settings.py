@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -154,6 +155,8 @@ class NodeSettings(Section):
     ssh_host: str | None = None
     ssh_port: Port = 22
     ssh_user: str | None = None
+    # Set for the node OLLAMA_REMOTE_HOST names: its address is a secret, shown nowhere.
+    secret_address: bool = Field(default=False, exclude=True)
 
     @field_validator("transport")
     @classmethod
@@ -167,6 +170,17 @@ class NodeSettings(Section):
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.scheme}://{host}:{self.port}"
+
+    @property
+    def shown_address(self) -> str:
+        """The address for output (manifest, /admin): the URL, unless it is a secret."""
+        return "(OLLAMA_REMOTE_HOST)" if self.secret_address else self.url
+
+    def redact(self, text: str) -> str:
+        """``text`` (an error message, say) with a secret address replaced by the name."""
+        return (
+            redact_address(text, self.host, self.port, self.name) if self.secret_address else text
+        )
 
 
 class OllamaSettings(Section):
@@ -301,6 +315,7 @@ class Settings(BaseSettings):
         return [
             NodeSettings(
                 name=name,
+                secret_address=bool(self.remote_host),
                 host=host,
                 port=self.remote_port or ollama.port,
                 scheme=ollama.scheme,
@@ -342,6 +357,13 @@ def _first_time_outside(cron: str, window: AllowedWindow) -> str | None:
             return f"{fire:%H:%M}"
         fire = trigger.get_next_fire_time(fire, fire + timedelta(minutes=1))
     return None
+
+
+def redact_address(text: str, host: str, port: int, name: str) -> str:
+    """``text`` without ``host`` and ``port``: "host:port", the host, and the port as a
+    whole number (error texts also show them apart, as in ``('10.0.0.5', 11434)``)."""
+    text = text.replace(f"{host}:{port}", name).replace(host, name)
+    return re.sub(rf"(?<!\d){port}(?!\d)", name, text)
 
 
 def _node_name(host: str) -> str:

@@ -293,6 +293,17 @@ class SyncEngine:
         self, o: Outcome, target: Target, transport: PullTransport
     ) -> PullError | None:
         """One attempt, watched for stalls; the failure as a PullError, None on success."""
+        error = await self._watched(o, target, transport)
+        if error is None or target.hidden is None:
+            return error
+        # A secret address (OLLAMA_REMOTE_HOST) must not reach logs, the manifest or /admin.
+        return PullError(
+            target.redact(str(error)), retryable=error.retryable, node_fatal=error.node_fatal
+        )
+
+    async def _watched(
+        self, o: Outcome, target: Target, transport: PullTransport
+    ) -> PullError | None:
         loop = asyncio.get_running_loop()
         stall = self._download.stall_timeout
         last_activity = loop.time()

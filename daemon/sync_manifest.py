@@ -63,7 +63,7 @@ def build_manifest(
         nodes.append(
             NodeEntry(
                 name=target.name,
-                address=target.url,
+                address=target.address,
                 ollama_version=inventory.version,
                 reachable=inventory.reachable and not lost,
                 stale=lost,

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 
 from daemon.domain import ModelRef
 from daemon.manifest import Manifest, ModelEntry, ModelStatus
-from daemon.settings import NodeSettings, Settings
+from daemon.settings import NodeSettings, Settings, redact_address
 
 __all__ = [
     "Action",
@@ -80,6 +80,13 @@ class Target:
     ssh_key_path: str | None = field(repr=False)  # a secret's location: kept out of reprs
     known_hosts: str
     connect_timeout: float
+    address: str = ""  # for output: the URL, or a placeholder when it is a secret
+    hidden: tuple[str, int] | None = field(default=None, repr=False)  # a secret host, port
+
+    def redact(self, text: str) -> str:
+        if self.hidden is None:
+            return text
+        return redact_address(text, *self.hidden, self.name)
 
     @classmethod
     def from_settings(cls, node: NodeSettings, settings: Settings) -> Target:
@@ -94,6 +101,8 @@ class Target:
             ssh_key_path=key.get_secret_value() if key is not None else None,
             known_hosts=str(settings.ssh.known_hosts or _DEFAULT_KNOWN_HOSTS),
             connect_timeout=settings.ssh.connect_timeout,
+            address=node.shown_address,
+            hidden=(node.host, node.port) if node.secret_address else None,
         )
 
 

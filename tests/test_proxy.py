@@ -16,7 +16,7 @@ import pytest
 
 from daemon.emulator import Emulator, EmulatorConfig
 from daemon.gateway import GATEWAY
-from tests.helpers import eventually, fetch, running_olmd, settings_dict
+from tests.helpers import eventually, fetch, free_port, running_olmd, settings_dict
 
 MODEL = "llama3.1:8b"
 GENERATE = {"model": MODEL, "prompt": "hi", "stream": False}
@@ -650,3 +650,107 @@ async def test_forwarded_headers_keep_credentials_and_hop_by_hop_out(monkeypatch
     assert "accept-encoding" not in seen  # nothing the client did not send
     assert seen["x-request-id"] == "abc-123"
     assert seen["x-forwarded-for"] == "10.1.2.3, 127.0.0.1"
+
+
+async def _one_node_app(pull_handler: Any) -> tuple[Any, int]:
+    from aiohttp import web
+
+    async def version(request: web.Request) -> web.Response:
+        return web.json_response({"version": "0.12.0"})
+
+    async def tags(request: web.Request) -> web.Response:
+        return web.json_response({"models": [{"name": MODEL, "model": MODEL}]})
+
+    async def ps(request: web.Request) -> web.Response:
+        return web.json_response({"models": []})
+
+    app = web.Application()
+    app.router.add_get("/api/version", version)
+    app.router.add_get("/api/tags", tags)
+    app.router.add_get("/api/ps", ps)
+    app.router.add_post("/api/pull", pull_handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, int(runner.addresses[0][1])
+
+
+async def test_a_pass_through_stream_cut_by_the_node_ends_cleanly(monkeypatch) -> None:
+    import pathlib
+
+    from aiohttp import web
+
+    from daemon.settings import load_settings
+    from tests.helpers import write_settings
+
+    async def pull(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        await response.write(b'{"status":"pulling manifest"}\n')
+        assert request.transport is not None
+        request.transport.abort()  # the node dies mid-pull
+        return response
+
+    runner, port = await _one_node_app(pull)
+    monkeypatch.setenv("OLMD_ADMIN_TOKEN", "admin-token-0001")
+    data = settings_dict([])
+    data["services"]["ollama"]["nodes"] = [{"name": "n", "host": "127.0.0.1", "port": port}]
+    admin = {"Authorization": "Bearer admin-token-0001", "X-Olmd-Node": "n"}
+    try:
+        settings = load_settings(write_settings(pathlib.Path("s.toml"), data))
+        async with running_olmd(settings) as server, aiohttp.ClientSession() as http:
+            async with asyncio.timeout(5):  # no hanging connection
+                async with http.post(
+                    url(server, "/api/pull"), json={"model": MODEL}, headers=admin
+                ) as response:
+                    assert response.status == 200
+                    body = await response.read()
+    finally:
+        await runner.cleanup()
+    lines = body.decode().splitlines()
+    assert lines[0] == '{"status":"pulling manifest"}'
+    assert "HTTP/1.1" not in body.decode()
+    assert "error" in json.loads(lines[-1])
+
+
+async def test_a_secret_node_address_stays_out_of_errors_and_admin(monkeypatch) -> None:
+    from daemon.settings import load_settings
+
+    dead = free_port()  # nothing listens: probes fail with the address in the error
+    monkeypatch.setenv("OLLAMA_REMOTE_HOST", "127.0.0.1")
+    monkeypatch.setenv("OLLAMA_REMOTE_PORT", str(dead))
+    monkeypatch.setenv("OLMD_ADMIN_TOKEN", "admin-token-0001")
+    settings = load_settings()
+    async with running_olmd(settings) as server, aiohttp.ClientSession() as http:
+        admin = {"Authorization": "Bearer admin-token-0001"}
+        async with http.get(url(server, "/admin/nodes"), headers=admin) as response:
+            text = await response.text()
+        async with http.post(
+            url(server, "/api/pull"),
+            json={"model": MODEL},
+            headers={**admin, "X-Olmd-Node": "ollama"},
+        ) as response:
+            pull_text = await response.text()
+    [node] = json.loads(text)["nodes"]
+    assert node["name"] == "ollama"
+    assert node["last_error"] and "ollama" in node["last_error"]
+    for shown in (text, pull_text):
+        assert "127.0.0.1" not in shown
+        assert str(dead) not in shown
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/api/blobs/%2e%2e%2f%2e%2e"),
+        ("POST", "/admin/nodes/x%2f..%2f..%2f..%2fhealthz/drain"),
+        ("POST", "/admin/nodes/%2e%2e/drain"),
+    ],
+)
+async def test_the_guard_judges_the_route_the_router_matched(three, method, path) -> None:
+    async with running_olmd(settings_dict(three)) as server, aiohttp.ClientSession() as http:
+        target = aiohttp.client.URL(str(server.make_url("")).rstrip("/") + path, encoded=True)
+        async with http.request(method, target) as response:
+            assert response.status == 403
+            # Refused by the front door itself, not by a handler's own check.
+            assert "disabled: set OLMD_ADMIN_TOKEN" in (await response.json())["error"]

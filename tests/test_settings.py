@@ -266,3 +266,17 @@ def test_relative_paths_count_from_the_settings_file(
     assert str(settings.report.path) == "/var/reports/health.md"
     monkeypatch.chdir(tmp_path)
     assert load_settings(path).jobs.ollama_sync.manifest_path == etc / "state" / "manifest.json"
+
+
+def test_redact_address_hides_host_and_port_in_every_form() -> None:
+    from daemon.settings import redact_address
+
+    text = (
+        "Cannot connect to host 10.0.0.5:11500 ssl:default "
+        "[Connect call failed ('10.0.0.5', 11500)] after 115001 ms"
+    )
+    shown = redact_address(text, "10.0.0.5", 11500, "ollama")
+    assert shown == (
+        "Cannot connect to host ollama ssl:default "
+        "[Connect call failed ('ollama', ollama)] after 115001 ms"  # 115001 is not the port
+    )
