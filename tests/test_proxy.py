@@ -600,28 +600,10 @@ async def test_forwarded_headers_keep_credentials_and_hop_by_hop_out(monkeypatch
     from daemon.settings import load_settings
     from tests.helpers import write_settings
 
-    async def version(request: web.Request) -> web.Response:
-        return web.json_response({"version": "0.12.0"})
-
-    async def tags(request: web.Request) -> web.Response:
-        return web.json_response({"models": [{"name": MODEL, "model": MODEL}]})
-
-    async def ps(request: web.Request) -> web.Response:
-        return web.json_response({"models": []})
-
     async def echo(request: web.Request) -> web.Response:
         return web.json_response({"headers": dict(request.headers), "done": True})
 
-    app = web.Application()
-    app.router.add_get("/api/version", version)
-    app.router.add_get("/api/tags", tags)
-    app.router.add_get("/api/ps", ps)
-    app.router.add_post("/api/generate", echo)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    runner, port = await _one_node_app(generate=echo)
     monkeypatch.setenv("OLMD_API_KEYS", "client-key-0001")
     data = settings_dict([])
     data["services"]["ollama"]["nodes"] = [{"name": "echo", "host": "127.0.0.1", "port": port}]
@@ -652,7 +634,8 @@ async def test_forwarded_headers_keep_credentials_and_hop_by_hop_out(monkeypatch
     assert seen["x-forwarded-for"] == "10.1.2.3, 127.0.0.1"
 
 
-async def _one_node_app(pull_handler: Any) -> tuple[Any, int]:
+async def _one_node_app(**posts: Any) -> tuple[Any, int]:
+    """A hand-made node: Ollama's probe routes, plus ``posts`` ({"pull": handler})."""
     from aiohttp import web
 
     async def version(request: web.Request) -> web.Response:
@@ -668,7 +651,8 @@ async def _one_node_app(pull_handler: Any) -> tuple[Any, int]:
     app.router.add_get("/api/version", version)
     app.router.add_get("/api/tags", tags)
     app.router.add_get("/api/ps", ps)
-    app.router.add_post("/api/pull", pull_handler)
+    for name, handler in posts.items():
+        app.router.add_post(f"/api/{name}", handler)
     runner = web.AppRunner(app)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
@@ -691,7 +675,7 @@ async def test_a_pass_through_stream_cut_by_the_node_ends_cleanly(monkeypatch) -
         request.transport.abort()  # the node dies mid-pull
         return response
 
-    runner, port = await _one_node_app(pull)
+    runner, port = await _one_node_app(pull=pull)
     monkeypatch.setenv("OLMD_ADMIN_TOKEN", "admin-token-0001")
     data = settings_dict([])
     data["services"]["ollama"]["nodes"] = [{"name": "n", "host": "127.0.0.1", "port": port}]
