@@ -82,6 +82,13 @@ Seconds = Annotated[float, Field(gt=0)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
+def _known_plugin(kind: str, what: str, value: str) -> str:
+    known = registry.names(kind)
+    if value not in known:
+        raise ValueError(f"unknown {what}; expected one of {known}")
+    return value
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -119,10 +126,7 @@ class RoutingSettings(Section):
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, value: str) -> str:
-        known = registry.names("balancers")
-        if value not in known:
-            raise ValueError(f"unknown strategy; expected one of {known}")
-        return value
+        return _known_plugin("balancers", "strategy", value)
 
 
 class ReportSettings(Section):
@@ -161,10 +165,7 @@ class NodeSettings(Section):
     @field_validator("transport")
     @classmethod
     def _known_transport(cls, value: str) -> str:
-        known = registry.names("transports")
-        if value not in known:
-            raise ValueError(f"unknown transport; expected one of {known}")
-        return value
+        return _known_plugin("transports", "transport", value)
 
     @property
     def url(self) -> str:
