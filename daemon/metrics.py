@@ -29,9 +29,9 @@ from daemon import __version__
 from daemon.domain import NodeState
 
 if TYPE_CHECKING:
-    from daemon.fleet import Fleet
-    from daemon.router import Router
-    from daemon.sync_plan import SyncResult
+    from daemon.gateway.fleet import Fleet
+    from daemon.gateway.router import Router
+    from daemon.sync.plan import SyncResult
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from daemon.app import create_app
+from daemon.gateway.app import create_app
 from daemon.logs import get_logger
 from daemon.runtime import RUNTIME, Phase, Runtime
 from daemon.settings import Settings, SettingsError

@@ -17,8 +17,8 @@ import structlog
 import tomli_w
 from aiohttp.test_utils import TestServer
 
-from daemon.app import create_app
-from daemon.emulator import Emulator
+from daemon.emulator.server import Emulator
+from daemon.gateway.app import create_app
 from daemon.settings import Settings
 
 
@@ -85,7 +85,7 @@ async def fetch(
 async def run_cli(capsys: Any, *argv: str) -> tuple[int, str, str]:
     """``olmd ARGV`` in-process (in a thread: it runs its own event loop); exit code,
     stdout, stderr. main() configures logging; later tests must not inherit that."""
-    from daemon import cli
+    from daemon.cli import main as cli
 
     capsys.readouterr()
     saved, root = structlog.get_config(), logging.getLogger()

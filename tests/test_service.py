@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from daemon.emulator import Emulator, EmulatorConfig
+from daemon.emulator.server import Emulator, EmulatorConfig
 from tests.conftest import ROOT
 from tests.helpers import fetch, free_port, olmd_command, settings_dict, write_settings
 

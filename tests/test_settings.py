@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.cli import main
+from daemon.cli.main import main
 from daemon.settings import SettingsError, load_settings
 from tests.conftest import ROOT
 

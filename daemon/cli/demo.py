@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
-from daemon.emulator import Emulator, EmulatorConfig
+from daemon.emulator.server import Emulator, EmulatorConfig
 from daemon.runtime import Runtime
 from daemon.service import serve
 from daemon.settings import Settings

@@ -69,13 +69,13 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_emulate(args: argparse.Namespace) -> int:
-    from daemon import emulator
+    from daemon.emulator import server as emulator
 
     return emulator.run_from_args(args)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from daemon import demo
+    from daemon.cli import demo
 
     return run_async(demo.run(port=args.port))
 
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve Ollama's HTTP API with canned, tunable behaviour: no GPU, no models. "
         "Change it at run time with POST /_emulator/config.",
     )
-    from daemon import emulator
+    from daemon.emulator import server as emulator
 
     emulator.add_arguments(emulate)
     emulate.set_defaults(func=_cmd_emulate)
@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _plugins() -> list[Callable[[Any], None]]:
     """Subcommands contributed by other modules (sync, verify-env, healthcheck, smoke)."""
-    from daemon import ops_cli, sync_cli  # they import this module's helpers
+    from daemon.cli import ops as ops_cli
+    from daemon.cli import sync as sync_cli
 
     return [sync_cli.register, ops_cli.register]
 

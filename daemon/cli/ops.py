@@ -14,11 +14,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from daemon.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, run_async, settings_from
+from daemon.cli.main import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, run_async, settings_from
 from daemon.settings import NodeSettings, Settings
 
 if TYPE_CHECKING:
-    from daemon.smoke import SmokePlan
+    from daemon.ops.smoke import SmokePlan
 
 __all__ = ["register", "smoke_plan"]
 
@@ -92,7 +92,8 @@ def _find_node(settings: Settings, name: str) -> NodeSettings | None:
 
 
 def _cmd_verify_env(args: argparse.Namespace) -> int:
-    from daemon import envcheck, envreport
+    from daemon.ops import envcheck
+    from daemon.ops import report as envreport
 
     settings = settings_from(args)
     node = None
@@ -159,7 +160,7 @@ def _add_healthcheck(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _cmd_healthcheck(args: argparse.Namespace) -> int:
-    from daemon.smoke import check_nodes
+    from daemon.ops.smoke import check_nodes
 
     settings = settings_from(args)
     if args.host:
@@ -195,7 +196,7 @@ def _cmd_healthcheck(args: argparse.Namespace) -> int:
 
 
 def _add_smoke(subparsers: Any) -> argparse.ArgumentParser:
-    from daemon.smoke import DAEMON_ROUTE
+    from daemon.ops.smoke import DAEMON_ROUTE
 
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "smoke",
@@ -251,7 +252,7 @@ def smoke_plan(
     args: argparse.Namespace, settings: Settings, environ: Mapping[str, str]
 ) -> SmokePlan | str:
     """The smoke plan for these flags and variables, or the reason there is none."""
-    from daemon.smoke import DEFAULT_PROMPT, SmokePlan
+    from daemon.ops.smoke import DEFAULT_PROMPT, SmokePlan
 
     prompt = args.prompt or environ.get("SMOKE_TEST_LLM_PROMPT") or None
     host = args.ollama_host or environ.get("SMOKE_TEST_OLLAMA_HOST") or None
@@ -280,7 +281,7 @@ def smoke_plan(
 
 
 def _cmd_smoke(args: argparse.Namespace) -> int:
-    from daemon.smoke import SmokeResult, run_smoke
+    from daemon.ops.smoke import SmokeResult, run_smoke
 
     settings = settings_from(args)
     plan = smoke_plan(args, settings, os.environ)

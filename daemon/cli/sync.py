@@ -23,11 +23,11 @@ from typing import Any, TextIO
 
 from pydantic import ValidationError
 
-from daemon.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, run_async, settings_from
+from daemon.cli.main import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, run_async, settings_from
 from daemon.settings import Settings
-from daemon.sync import SyncBusy, SyncOptions, SyncResult, run_sync
-from daemon.sync_engine import SyncEngine
-from daemon.sync_plan import SyncProgress, select_targets
+from daemon.sync.engine import SyncEngine
+from daemon.sync.plan import SyncProgress, select_targets
+from daemon.sync.service import SyncBusy, SyncOptions, SyncResult, run_sync
 
 __all__ = ["progress_line", "register", "summary_table"]
 

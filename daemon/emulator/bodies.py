@@ -14,8 +14,8 @@ import re
 import struct
 from typing import Any
 
-from daemon.emulator_config import normalize
-from daemon.emulator_formats import rfc3339
+from daemon.emulator.config import normalize
+from daemon.emulator.formats import rfc3339
 
 _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)([bm])\b", re.IGNORECASE)
 # (name prefix, GGUF family); the first match wins, so longer prefixes come first.

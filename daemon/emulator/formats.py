@@ -1,11 +1,11 @@
 """Ollama's request and answer formats: parsing a generate / chat request, rendering the answer.
 
 Everything here is pure (no I/O; the clock only where a timestamp is the point), so the
-handlers in ``daemon.emulator_handlers`` stay short. Field order follows the Go structs in
+handlers in ``daemon.emulator.handlers`` stay short. Field order follows the Go structs in
 ollama's ``api/types.go`` and ``openai/openai.go``, error texts are copied from its
 ``server/routes.go`` and ``server/sched.go``, and fields Go marks ``omitempty`` are left
 out when zero, as the real server does. Bodies that describe models (tags, ps, show,
-pull progress, /v1/models) are in ``daemon.emulator_bodies``.
+pull progress, /v1/models) are in ``daemon.emulator.bodies``.
 """
 
 from __future__ import annotations

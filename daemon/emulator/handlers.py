@@ -16,11 +16,11 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
-from daemon import emulator_bodies as bodies
-from daemon import emulator_formats as fmt
-from daemon.emulator_config import describe, normalize, valid_name
-from daemon.emulator_formats import Job, JobKind, Reject
-from daemon.emulator_responses import (
+from daemon.emulator import bodies
+from daemon.emulator import formats as fmt
+from daemon.emulator.config import describe, normalize, valid_name
+from daemon.emulator.formats import Job, JobKind, Reject
+from daemon.emulator.responses import (
     Handler,
     Sink,
     error_response,
@@ -28,7 +28,7 @@ from daemon.emulator_responses import (
     read_body,
     single,
 )
-from daemon.emulator_state import STATE_KEY, EmulatorState, hold
+from daemon.emulator.state import STATE_KEY, EmulatorState, hold
 
 _PULL_TICK = 0.06  # Ollama reports pull progress every 60 ms
 Emit = Callable[[dict[str, Any], bool], Awaitable[None]]

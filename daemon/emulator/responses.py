@@ -1,7 +1,7 @@
 """How the emulator answers: JSON and error bodies, streamed sinks, faults, the middleware.
 
 The middleware counts API requests, applies the injected fault a request draws and turns
-exceptions (:class:`~daemon.emulator_formats.Reject`, a departed client, a fault that ended
+exceptions (:class:`~daemon.emulator.formats.Reject`, a departed client, a fault that ended
 the answer) into what Ollama would send. :class:`Sink` writes a streamed answer, chunk by
 chunk, and :func:`single` a one-object answer; both honour a ``cut`` or ``error_line`` fault.
 """
@@ -15,9 +15,9 @@ from typing import Any
 
 from aiohttp import web
 
-from daemon import emulator_formats as fmt
-from daemon.emulator_formats import Reject
-from daemon.emulator_state import STATE_KEY, ClientGone, hold
+from daemon.emulator import formats as fmt
+from daemon.emulator.formats import Reject
+from daemon.emulator.state import STATE_KEY, ClientGone, hold
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

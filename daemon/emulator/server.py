@@ -31,10 +31,10 @@ from typing import get_args
 from aiohttp import web
 from pydantic import ValidationError
 
-from daemon.emulator_config import EmulatorConfig, FaultKind, Stats, describe
-from daemon.emulator_handlers import add_routes
-from daemon.emulator_responses import middleware
-from daemon.emulator_state import STATE_KEY, EmulatorState
+from daemon.emulator.config import EmulatorConfig, FaultKind, Stats, describe
+from daemon.emulator.handlers import add_routes
+from daemon.emulator.responses import middleware
+from daemon.emulator.state import STATE_KEY, EmulatorState
 
 __all__ = [
     "STATE_KEY",

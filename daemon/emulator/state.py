@@ -16,10 +16,10 @@ from typing import Any
 
 from aiohttp import web
 
-from daemon import emulator_formats as fmt
-from daemon.emulator_bodies import default_digest
-from daemon.emulator_config import EmulatorConfig, Stats, normalize
-from daemon.emulator_formats import Reject
+from daemon.emulator import formats as fmt
+from daemon.emulator.bodies import default_digest
+from daemon.emulator.config import EmulatorConfig, Stats, normalize
+from daemon.emulator.formats import Reject
 
 _POLL = 0.05  # how often a waiting handler checks that its client is still there
 

@@ -10,10 +10,10 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from pydantic import ValidationError
 
-from daemon.gateway import GATEWAY, Gateway
-from daemon.guard import is_admin
+from daemon.gateway.component import GATEWAY, Gateway
+from daemon.gateway.guard import is_admin
 from daemon.logs import get_logger
-from daemon.sync import SYNC, SyncOptions
+from daemon.sync.service import SYNC, SyncOptions
 
 log = get_logger("olmd.admin")
 

@@ -10,12 +10,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from daemon import guard, routes
-from daemon.gateway import gateway_component
+from daemon.gateway import guard, routes
+from daemon.gateway.component import gateway_component
 from daemon.metrics import CONTENT_TYPE, Metrics
 from daemon.runtime import RUNTIME, Phase, Runtime
 from daemon.settings import Settings
-from daemon.sync import sync_component
+from daemon.sync.service import sync_component
 
 # Routes that do not count as traffic for draining.
 _PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})

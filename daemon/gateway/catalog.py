@@ -16,7 +16,7 @@ from aiohttp import web
 
 from daemon import __version__
 from daemon.domain import select_routable
-from daemon.fleet import Fleet, Node
+from daemon.gateway.fleet import Fleet, Node
 
 
 def _live_nodes(fleet: Fleet) -> list[Node]:

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
-from daemon.fleet import Fleet
+from daemon.gateway.fleet import Fleet
+from daemon.gateway.prober import Prober
+from daemon.gateway.proxy import Proxy
+from daemon.gateway.router import Router
 from daemon.logs import get_logger
-from daemon.prober import Prober
-from daemon.proxy import Proxy
-from daemon.router import Router
 from daemon.runtime import RUNTIME
 from daemon.settings import Settings
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 
-from daemon.fleet import Fleet, Node
+from daemon.gateway.fleet import Fleet, Node
 from daemon.logs import get_logger
 from daemon.settings import Settings
 

@@ -20,11 +20,9 @@ import aiohttp
 from aiohttp import web
 
 from daemon.domain import FailureKind, classify_status
-from daemon.fleet import Fleet, Node, model_key
-from daemon.metrics import Metrics
-from daemon.router import NoNode, Router
-from daemon.settings import RoutingSettings
-from daemon.wire import (
+from daemon.gateway.fleet import Fleet, Node, model_key
+from daemon.gateway.router import NoNode, Router
+from daemon.gateway.wire import (
     ERROR_BODY_LIMIT,
     error_message,
     final_error,
@@ -34,6 +32,8 @@ from daemon.wire import (
     response_headers,
     usage_from_tail,
 )
+from daemon.metrics import Metrics
+from daemon.settings import RoutingSettings
 
 # Recorded for a client that left before its answer ended (nginx's convention).
 CLIENT_GONE = 499

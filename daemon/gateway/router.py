@@ -13,7 +13,7 @@ from collections.abc import Callable, Collection
 
 from daemon import registry
 from daemon.domain import select_routable
-from daemon.fleet import Fleet, Node
+from daemon.gateway.fleet import Fleet, Node
 from daemon.ports import Balancer
 from daemon.settings import RoutingSettings
 

@@ -7,11 +7,11 @@ from typing import Any
 
 from aiohttp import web
 
-from daemon import admin, catalog
-from daemon.gateway import GATEWAY
-from daemon.guard import is_admin
-from daemon.proxy import Endpoint
-from daemon.wire import json_error
+from daemon.gateway import admin, catalog
+from daemon.gateway.component import GATEWAY
+from daemon.gateway.guard import is_admin
+from daemon.gateway.proxy import Endpoint
+from daemon.gateway.wire import json_error
 
 ENDPOINTS = (
     Endpoint("/api/generate", "/api/generate", streams=True),

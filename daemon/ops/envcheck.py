@@ -3,7 +3,7 @@
 Facts come from a handful of read-only commands (``cat /proc/meminfo``, ``df``, ``nproc``,
 ``nvidia-smi``, ...), run locally or on a node over SSH, so both paths share one parser;
 the Ollama version and models come from the node's HTTP API. The result is a ``Report``:
-a threshold table over the facts, rendered and written by ``daemon.envreport``.
+a threshold table over the facts, rendered and written by ``daemon.ops.report``.
 
 Sizes are decimal: 1 GB = 10**9 bytes (a "64 GB" machine reports about 67 GB of MemTotal).
 """
@@ -24,8 +24,8 @@ from typing import Any, Protocol
 
 import asyncssh
 
+from daemon.ops.smoke import NodeHealth, check_nodes
 from daemon.settings import NodeSettings, ReportSettings, Settings
-from daemon.smoke import NodeHealth, check_nodes
 
 __all__ = [
     "GB",
@@ -404,7 +404,7 @@ def evaluate(
 
 @dataclass(frozen=True)
 class Report:
-    """One verify-env run; ``daemon.envreport`` renders and writes it."""
+    """One verify-env run; ``daemon.ops.report`` renders and writes it."""
 
     facts: Facts
     checks: list[Check]

@@ -1,6 +1,6 @@
 """The ``olmd verify-env`` report: Markdown for people, a JSON twin for machines.
 
-Rendering only reads a :class:`~daemon.envcheck.Report`; ``write_report`` writes both files
+Rendering only reads a :class:`~daemon.ops.envcheck.Report`; ``write_report`` writes both files
 atomically, so a reader never sees half a report.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 
 from daemon import __version__
 from daemon.atomicfile import write_atomic
-from daemon.envcheck import WARN_MARGIN, Facts, Report, Status, format_gb
+from daemon.ops.envcheck import WARN_MARGIN, Facts, Report, Status, format_gb
 
 __all__ = ["json_path_for", "to_json", "to_markdown", "write_report"]
 

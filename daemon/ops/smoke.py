@@ -2,7 +2,7 @@
 test (does a prompt come back as an answer, how fast).
 
 Both speak Ollama's HTTP API only, so they work against a node, the emulator, or olmd's
-own LLM route, which streams the same NDJSON. Results are plain data; ``daemon.ops_cli``
+own LLM route, which streams the same NDJSON. Results are plain data; ``daemon.cli.ops``
 prints them and turns them into exit codes.
 """
 

@@ -1,8 +1,8 @@
 """The sync engine: inventory, plan, pull with a parallelism cap, retries and a stall
 watchdog, stop at the window's close, write the manifest and the state file.
 
-Use it through :mod:`daemon.sync` (``run_sync``, ``SyncService``), which holds the lock.
-Its parts: :mod:`daemon.sync_plan`, :mod:`daemon.sync_inventory`, :mod:`daemon.sync_manifest`.
+Use it through :mod:`daemon.sync.service` (``run_sync``, ``SyncService``), which holds the lock.
+Its parts: :mod:`daemon.sync.plan`, :mod:`daemon.sync.inventory`, :mod:`daemon.sync.run_manifest`.
 """
 
 from __future__ import annotations
@@ -22,10 +22,9 @@ from daemon.logs import get_logger
 from daemon.metrics import SyncMetrics
 from daemon.ports import PullError, PullTransport
 from daemon.settings import Settings
-from daemon.sync_inventory import check_pulled
-from daemon.sync_inventory import inventory_all as _inventory_all  # tests patch this name
-from daemon.sync_manifest import write_run_manifest
-from daemon.sync_plan import (
+from daemon.sync.inventory import check_pulled
+from daemon.sync.inventory import inventory_all as _inventory_all  # tests patch this name
+from daemon.sync.plan import (
     Inventory,
     Outcome,
     SyncOptions,
@@ -36,7 +35,8 @@ from daemon.sync_plan import (
     select_models,
     select_targets,
 )
-from daemon.sync_state import read_state, state_path, write_state
+from daemon.sync.run_manifest import write_run_manifest
+from daemon.sync.state import read_state, state_path, write_state
 
 __all__ = ["Backoff", "Clock", "Now", "SyncEngine", "TransportFactory", "utcnow"]
 

@@ -1,5 +1,5 @@
 """What the nodes hold: each node's ``/api/tags`` and ``/api/version`` read into an
-:class:`~daemon.sync_plan.Inventory`, and the final check that turns a "pulled" the node
+:class:`~daemon.sync.plan.Inventory`, and the final check that turns a "pulled" the node
 does not list afterwards into "failed".
 """
 
@@ -14,8 +14,8 @@ import aiohttp
 
 from daemon.domain import ModelRef
 from daemon.logs import get_logger
-from daemon.manifest import ModelEntry, normalise_digest
-from daemon.sync_plan import Inventory, Outcome, Target
+from daemon.sync.manifest import ModelEntry, normalise_digest
+from daemon.sync.plan import Inventory, Outcome, Target
 
 __all__ = ["check_pulled", "inventory_all", "parse_tags"]
 

@@ -1,6 +1,6 @@
 """The sync engine's pure half: options, targets, the plan, outcomes, the run's result and
-its live progress. No I/O and no clock; :mod:`daemon.sync` runs it. The node inventory is
-read in :mod:`daemon.sync_inventory`, the manifest built in :mod:`daemon.sync_manifest`.
+its live progress. No I/O and no clock; :mod:`daemon.sync.service` runs it. The node inventory is
+read in :mod:`daemon.sync.inventory`, the manifest built in :mod:`daemon.sync.run_manifest`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from daemon.domain import ModelRef
-from daemon.manifest import Manifest, ModelEntry, ModelStatus
 from daemon.settings import NodeSettings, Settings, redact_address
+from daemon.sync.manifest import Manifest, ModelEntry, ModelStatus
 
 __all__ = [
     "Action",

@@ -8,7 +8,8 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 
 from daemon.logs import get_logger
-from daemon.manifest import (
+from daemon.settings import Settings
+from daemon.sync.manifest import (
     Manifest,
     ManifestError,
     ModelEntry,
@@ -17,8 +18,7 @@ from daemon.manifest import (
     read_manifest,
     write_manifest,
 )
-from daemon.settings import Settings
-from daemon.sync_plan import Inventory, Outcome, SyncOptions, SyncResult, Target
+from daemon.sync.plan import Inventory, Outcome, SyncOptions, SyncResult, Target
 
 __all__ = ["build_manifest", "write_run_manifest"]
 
@@ -36,7 +36,7 @@ def build_manifest(
     unconfirmed: Mapping[str, str] | None = None,
     confirmed_at: datetime | None = None,
 ) -> Manifest:
-    """This run's manifest, before :func:`daemon.manifest.merge_previous` folds in the last.
+    """This run's manifest, before :func:`daemon.sync.manifest.merge_previous` folds in the last.
 
     A reachable node lists the planned models first (with what the run did), then every
     other model it holds as ``present``. An unreachable node lists the planned models as

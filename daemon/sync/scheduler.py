@@ -24,8 +24,8 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from daemon.logs import get_logger
 from daemon.settings import Settings
-from daemon.sync_plan import SyncOptions
-from daemon.sync_state import SyncState
+from daemon.sync.plan import SyncOptions
+from daemon.sync.state import SyncState
 from daemon.window import AllowedWindow
 
 __all__ = [
@@ -49,7 +49,7 @@ _MISFIRE_GRACE = 600
 
 
 class SyncStarter(Protocol):
-    """What the scheduler needs of the sync service (``daemon.sync.SyncService``)."""
+    """What the scheduler needs of the sync service (``daemon.sync.service.SyncService``)."""
 
     async def start(self, options: SyncOptions | None = None, *, trigger: str = ...) -> bool:
         """Start a run; False if one is already running."""

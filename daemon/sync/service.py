@@ -6,9 +6,9 @@
 * :func:`sync_component` is the daemon's cleanup context: it puts a service on the
   application (``app[SYNC]``) and runs the nightly scheduler while the daemon runs.
 
-The engine is :mod:`daemon.sync_engine`, the pure half :mod:`daemon.sync_plan`, what the
-nodes hold :mod:`daemon.sync_inventory`, the manifest of a run :mod:`daemon.sync_manifest`,
-the lock and the state file :mod:`daemon.sync_state`.
+The engine is :mod:`daemon.sync.engine`, the pure half :mod:`daemon.sync.plan`, what the
+nodes hold :mod:`daemon.sync.inventory`, the manifest of a run :mod:`daemon.sync.run_manifest`,
+the lock and the state file :mod:`daemon.sync.state`.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from aiohttp import web
 from daemon.logs import get_logger
 from daemon.metrics import SyncMetrics
 from daemon.runtime import RUNTIME
-from daemon.scheduler import SyncScheduler
 from daemon.settings import Settings
-from daemon.sync_engine import Backoff, Clock, Now, SyncEngine, TransportFactory, utcnow
-from daemon.sync_plan import SyncOptions, SyncProgress, SyncResult, select_targets
-from daemon.sync_state import SyncBusy, SyncLock, SyncState, lock_path, read_state, state_path
+from daemon.sync.engine import Backoff, Clock, Now, SyncEngine, TransportFactory, utcnow
+from daemon.sync.plan import SyncOptions, SyncProgress, SyncResult, select_targets
+from daemon.sync.scheduler import SyncScheduler
+from daemon.sync.state import SyncBusy, SyncLock, SyncState, lock_path, read_state, state_path
 
 __all__ = [
     "SYNC",

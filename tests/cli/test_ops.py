@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from daemon import cli, ops_cli
-from daemon.emulator import Emulator, EmulatorConfig
-from daemon.envcheck import GB
+from daemon.cli import main as cli
+from daemon.cli import ops as ops_cli
+from daemon.emulator.server import Emulator, EmulatorConfig
+from daemon.ops.envcheck import GB
 from tests.helpers import run_cli, running_olmd, settings_dict, write_settings
 
 Run = Callable[..., "asyncio.Future[tuple[int, str, str]]"]

@@ -18,12 +18,12 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
-from daemon.emulator import Emulator, EmulatorConfig
+from daemon.emulator.server import Emulator, EmulatorConfig
 from daemon.runtime import RUNTIME
-from daemon.sync import SYNC, SyncOptions
+from daemon.sync.service import SYNC, SyncOptions
 from tests.helpers import eventually, running_olmd, settings_dict
 
-DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "olmd.json"
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "olmd.json"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 MODEL = "llama3.1:8b"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.emulator import Emulator, EmulatorConfig
+from daemon.emulator.server import Emulator, EmulatorConfig
 from daemon.settings import SECRET_ENV, ServerSettings, load_settings
 from tests.conftest import ROOT
 

@@ -21,8 +21,8 @@ import pytest
 from aiohttp import web
 from openai.types.chat import ChatCompletionUserMessageParam
 
-from daemon import emulator_formats as fmt
-from daemon.emulator import (
+from daemon.emulator import formats as fmt
+from daemon.emulator.server import (
     STATE_KEY,
     Emulator,
     EmulatorConfig,
@@ -704,7 +704,7 @@ def test_cli_arguments_build_a_config() -> None:
 async def test_cli_serves_until_sigterm() -> None:
     script = (
         "import argparse, sys\n"
-        "from daemon.emulator import add_arguments, run_from_args\n"
+        "from daemon.emulator.server import add_arguments, run_from_args\n"
         "p = argparse.ArgumentParser(); add_arguments(p)\n"
         "sys.exit(run_from_args(p.parse_args(sys.argv[1:])))\n"
     )

@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from daemon.emulator import Emulator, EmulatorConfig
+from daemon.emulator.server import Emulator, EmulatorConfig
 from daemon.settings import load_settings
 from tests.helpers import running_olmd, settings_dict, write_settings
 

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
-from daemon.emulator import EmulatorConfig, create_app
-from daemon.gateway import GATEWAY
+from daemon.emulator.server import EmulatorConfig, create_app
+from daemon.gateway.component import GATEWAY
 from tests.helpers import eventually, free_port, running_olmd
 
 NODES = 200

@@ -14,8 +14,8 @@ import ollama
 import openai
 import pytest
 
-from daemon.emulator import Emulator, EmulatorConfig
-from daemon.gateway import GATEWAY
+from daemon.emulator.server import Emulator, EmulatorConfig
+from daemon.gateway.component import GATEWAY
 from tests.helpers import eventually, fetch, free_port, running_olmd, settings_dict
 
 MODEL = "llama3.1:8b"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from daemon.wire import usage_from_tail
+from daemon.gateway.wire import usage_from_tail
 
 
 def test_ollama_final_chunk_with_a_long_context() -> None:

@@ -14,9 +14,10 @@ from typing import Any
 import asyncssh
 import pytest
 
-from daemon import cli, ops_cli
-from daemon.emulator import Emulator, EmulatorConfig
-from daemon.envcheck import (
+from daemon.cli import main as cli
+from daemon.cli import ops as ops_cli
+from daemon.emulator.server import Emulator, EmulatorConfig
+from daemon.ops.envcheck import (
     GB,
     Completed,
     Facts,
@@ -29,8 +30,8 @@ from daemon.envcheck import (
     parse_loadavg,
     parse_meminfo,
 )
+from daemon.ops.smoke import NodeHealth
 from daemon.settings import ReportSettings
-from daemon.smoke import NodeHealth
 from tests.helpers import run_cli, write_settings
 
 MEMINFO = """\
@@ -342,7 +343,7 @@ async def test_home_relative_data_root_and_odd_output() -> None:
 
 def test_unreadable_ssh_key_never_shows_its_path(tmp_path, monkeypatch) -> None:
 
-    from daemon import envcheck
+    from daemon.ops import envcheck
     from daemon.settings import Settings
 
     known = tmp_path / "known_hosts"

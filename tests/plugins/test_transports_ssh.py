@@ -22,12 +22,12 @@ import pytest
 from structlog.testing import capture_logs
 
 from daemon.domain import ModelRef
-from daemon.emulator import Emulator, EmulatorConfig
+from daemon.emulator.server import Emulator, EmulatorConfig
 from daemon.ports import PullError
-from daemon.sync import SyncOptions, run_sync
-from daemon.sync_plan import Target
+from daemon.sync.plan import Target
+from daemon.sync.service import SyncOptions, run_sync
 from plugins.transports.ssh_pull import SshPullTransport, pull_command
-from tests.test_sync import IN_WINDOW, FakeNow, make_settings
+from tests.sync.test_service import IN_WINDOW, FakeNow, make_settings
 
 # Like the real CLI: redrawn bars with escape codes and a spinner, on stderr.
 STAND_IN_OLLAMA = r"""#!/bin/sh

@@ -1,4 +1,4 @@
-"""Tests for daemon.manifest and daemon.atomicfile, on real files in tmp_path."""
+"""Tests for daemon.sync.manifest and daemon.atomicfile, on real files in tmp_path."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from daemon.atomicfile import write_atomic
-from daemon.manifest import (
+from daemon.sync.manifest import (
     DriftEntry,
     Manifest,
     ManifestError,
@@ -27,7 +27,7 @@ from daemon.manifest import (
     write_manifest,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 T0 = datetime(2024, 3, 9, 19, 0, tzinfo=UTC)
 HEX_A = "a" * 64
 HEX_B = "b" * 64
@@ -367,7 +367,7 @@ KILL_SCRIPT = textwrap.dedent(
     """
     import os, sys
     from pathlib import Path
-    from daemon.manifest import Manifest, write_manifest
+    from daemon.sync.manifest import Manifest, write_manifest
 
     target = Path(sys.argv[1])
     new = Manifest.model_validate_json(sys.argv[2])

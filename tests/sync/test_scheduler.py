@@ -1,4 +1,4 @@
-"""Tests for daemon.scheduler and the daemon's sync component, with a fake wall clock.
+"""Tests for daemon.sync.scheduler and the daemon's sync component, with a fake wall clock.
 
 APScheduler keeps real time for when jobs fire; what the tests fake is the clock the
 window and catch-up decisions read. Firing "at 03:00" is calling the job at a fake 03:00.
@@ -17,15 +17,21 @@ from apscheduler.triggers.cron import CronTrigger
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from daemon.emulator import Emulator, EmulatorConfig
+from daemon.emulator.server import Emulator, EmulatorConfig
 from daemon.metrics import Metrics, SyncMetrics
 from daemon.runtime import RUNTIME, Runtime
-from daemon.scheduler import RETRY_JOB_ID, RETRY_SECONDS, SyncScheduler, cron_trigger, missed_run
 from daemon.settings import Settings, SettingsError, load_settings
-from daemon.sync import SYNC, SyncBusy, SyncOptions, SyncService, run_sync, sync_component
-from daemon.sync_state import SyncState
+from daemon.sync.scheduler import (
+    RETRY_JOB_ID,
+    RETRY_SECONDS,
+    SyncScheduler,
+    cron_trigger,
+    missed_run,
+)
+from daemon.sync.service import SYNC, SyncBusy, SyncOptions, SyncService, run_sync, sync_component
+from daemon.sync.state import SyncState
 from daemon.window import AllowedWindow
-from tests.test_sync import FakeNow, make_settings
+from tests.sync.test_service import FakeNow, make_settings
 
 UTC8 = timezone(timedelta(hours=8))
 WINDOW = AllowedWindow.parse("02:00-06:00 UTC+8")
@@ -201,7 +207,7 @@ async def test_a_second_trigger_while_running_is_refused(tmp_path):
 
 
 async def test_a_sync_running_in_another_process_is_refused_too(node, tmp_path):
-    from daemon.sync_state import SyncLock, lock_path
+    from daemon.sync.state import SyncLock, lock_path
 
     settings = make_settings(tmp_path, [("a", node)])
     service = SyncService(settings, now=FakeNow(local(3, 0)))
@@ -286,7 +292,7 @@ async def test_a_reload_reschedules_the_job(tmp_path):
 
 
 async def test_a_refused_scheduled_run_is_retried_while_the_window_is_open(node, tmp_path):
-    from daemon.sync_state import SyncLock, lock_path
+    from daemon.sync.state import SyncLock, lock_path
 
     settings = make_settings(tmp_path, [("a", node)], models=["llama3.1:8b"], fallback=[])
     service = SyncService(settings, now=FakeNow(local(3, 0)))

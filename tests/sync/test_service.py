@@ -1,4 +1,4 @@
-"""Tests for the sync engine (daemon.sync*), against emulated Ollama nodes on loopback.
+"""Tests for the sync engine (daemon.sync.service*), against emulated Ollama nodes on loopback.
 
 The wall clock is fake (``FakeNow``: a chosen instant that advances with real time), so
 window decisions are deterministic; nothing here sleeps for more than a fraction of a
@@ -22,16 +22,17 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 from structlog.testing import capture_logs
 
-from daemon import sync_cli, sync_engine
-from daemon.emulator import Emulator, EmulatorConfig
-from daemon.manifest import Manifest, ModelEntry, NodeEntry, read_manifest
+from daemon.cli import sync as sync_cli
+from daemon.emulator.server import Emulator, EmulatorConfig
 from daemon.metrics import SyncMetrics
 from daemon.ports import PullProgress, PullTarget
-from daemon.scheduler import cron_trigger, missed_run
 from daemon.settings import Settings
-from daemon.sync import SyncBusy, SyncOptions, SyncService, run_sync, stop_grace
-from daemon.sync_plan import SyncProgress
-from daemon.sync_state import SyncLock, lock_path, read_state, state_path
+from daemon.sync import engine as sync_engine
+from daemon.sync.manifest import Manifest, ModelEntry, NodeEntry, read_manifest
+from daemon.sync.plan import SyncProgress
+from daemon.sync.scheduler import cron_trigger, missed_run
+from daemon.sync.service import SyncBusy, SyncOptions, SyncService, run_sync, stop_grace
+from daemon.sync.state import SyncLock, lock_path, read_state, state_path
 
 UTC8 = timezone(timedelta(hours=8))
 # 03:00 in the default window "02:00-06:00 UTC+8".
@@ -39,7 +40,7 @@ IN_WINDOW = datetime(2024, 3, 10, 3, 0, tzinfo=UTC8)
 MODELS = ["llama3.1:8b", "qwen3:8b"]
 FALLBACK = ["mistral-nemo:12b"]
 SMALL_PULL = {"pull_size": 20_000, "pull_speed": 0.0}
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 class FakeNow:
