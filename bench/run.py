@@ -43,7 +43,7 @@ from procs import (
 )
 from report import POST_CONCURRENCY, STREAM_CONCURRENCY, Column
 
-from daemon.cli.main import run_async  # uvloop when installed, as olmd runs
+from daemon.cli.common import run_async  # uvloop when installed, as olmd runs
 
 HERE = Path(__file__).resolve().parent
 MODEL = "llama3.1:8b"

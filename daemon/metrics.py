@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
+from datetime import datetime
+from typing import Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -26,14 +27,65 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
 from daemon import __version__
-from daemon.domain import NodeState
-
-if TYPE_CHECKING:
-    from daemon.gateway.fleet import Fleet
-    from daemon.gateway.router import Router
-    from daemon.sync.plan import SyncResult
+from daemon.domain import NodeHealth, NodeState
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+# What the metrics read of the parts above the core (the gateway's fleet and router, the
+# sync's result), as protocols: the core imports nothing of them.
+
+
+class NodeStats(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def in_flight(self) -> int: ...
+    @property
+    def health(self) -> NodeHealth: ...
+    @property
+    def models(self) -> Sized: ...
+    @property
+    def loaded(self) -> Sized: ...
+    def state(self, now: float) -> NodeState: ...
+
+
+class FleetStats(Protocol):
+    @property
+    def panic(self) -> bool: ...
+    def __iter__(self) -> Iterator[NodeStats]: ...
+
+
+class RouterStats(Protocol):
+    @property
+    def queued(self) -> int: ...
+
+
+class SyncOutcomeStats(Protocol):
+    @property
+    def node(self) -> str: ...
+    @property
+    def action(self) -> str: ...
+    @property
+    def status(self) -> str | None: ...
+
+
+class ManifestStats(Protocol):
+    @property
+    def drift(self) -> Sized: ...
+
+
+class SyncResultStats(Protocol):
+    @property
+    def outcomes(self) -> Sequence[SyncOutcomeStats]: ...
+    @property
+    def finished_at(self) -> datetime: ...
+    @property
+    def ok(self) -> bool: ...
+    @property
+    def manifest(self) -> ManifestStats | None: ...
+
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TPS_BUCKETS = (1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000)
 
@@ -117,7 +169,9 @@ class Metrics:
             registry=r,
         )
 
-    def watch_fleet(self, fleet: Callable[[], Fleet], router: Callable[[], Router]) -> None:
+    def watch_fleet(
+        self, fleet: Callable[[], FleetStats], router: Callable[[], RouterStats]
+    ) -> None:
         """Export node state from the live fleet at every scrape."""
         self.registry.register(_FleetCollector(fleet, router))
 
@@ -126,7 +180,7 @@ class Metrics:
 
 
 class _FleetCollector(Collector):
-    def __init__(self, fleet: Callable[[], Fleet], router: Callable[[], Router]) -> None:
+    def __init__(self, fleet: Callable[[], FleetStats], router: Callable[[], RouterStats]) -> None:
         self._fleet = fleet
         self._router = router
 
@@ -239,7 +293,7 @@ class SyncMetrics:
             self.pulled_bytes.labels(node=node).inc(count)
 
     def record_result(
-        self, result: SyncResult, models_present: Mapping[str, int], seconds: float
+        self, result: SyncResultStats, models_present: Mapping[str, int], seconds: float
     ) -> None:
         """A finished run: final pull results, models per node reached, times, drift."""
         for o in result.outcomes:

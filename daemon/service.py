@@ -10,9 +10,12 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from daemon.gateway.app import create_app
+from daemon.gateway.component import gateway_component
 from daemon.logs import get_logger
+from daemon.metrics import Metrics
 from daemon.runtime import RUNTIME, Phase, Runtime
 from daemon.settings import Settings, SettingsError
+from daemon.sync.service import sync_component
 from daemon.systemd import Notifier, watchdog_interval
 
 log = get_logger("olmd.service")
@@ -87,6 +90,11 @@ def _announce(settings: Settings, port: int) -> None:
         log.warning("no_api_keys", host=server.host, note="LLM routes are open to anyone")
 
 
+def build_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Application:
+    """The daemon as it runs: the gateway, then the sync service (its scheduler inside)."""
+    return create_app(settings, metrics=metrics, components=(gateway_component, sync_component))
+
+
 async def serve(
     settings: Settings,
     *,
@@ -97,7 +105,7 @@ async def serve(
 ) -> int:
     """Serve until SIGTERM or SIGINT; returns the exit code."""
     notifier = notifier or Notifier()
-    app = app if app is not None else create_app(settings)
+    app = app if app is not None else build_app(settings)
     runtime = app[RUNTIME]
     server = settings.server
     runner = web.AppRunner(

@@ -18,7 +18,7 @@ import tomli_w
 from aiohttp.test_utils import TestServer
 
 from daemon.emulator.server import Emulator
-from daemon.gateway.app import create_app
+from daemon.service import build_app
 from daemon.settings import Settings
 
 
@@ -57,7 +57,7 @@ async def running_olmd(settings: Settings | dict[str, Any]) -> AsyncIterator[Tes
     """The daemon's application on a free loopback port, components started."""
     if isinstance(settings, dict):
         settings = Settings(**settings)
-    server = TestServer(create_app(settings), host="127.0.0.1", handler_cancellation=True)
+    server = TestServer(build_app(settings), host="127.0.0.1", handler_cancellation=True)
     await server.start_server()
     try:
         yield server

@@ -7,32 +7,15 @@ arguments and returns the exit code. Handlers that need settings call :func:`set
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 import tomli_w
 
 from daemon import __version__, logs
-from daemon.settings import Settings, SettingsError, load_settings
-
-T = TypeVar("T")
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-
-
-def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """Run on uvloop where it is installed (Linux), else on asyncio's own loop."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coro)
-
-
-def settings_from(args: argparse.Namespace) -> Settings:
-    return load_settings(args.config)
+from daemon.cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, run_async, settings_from
+from daemon.settings import SettingsError, load_settings
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

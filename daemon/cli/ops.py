@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from daemon.cli.main import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, run_async, settings_from
+from daemon.cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, run_async, settings_from
 from daemon.settings import NodeSettings, Settings
 
 if TYPE_CHECKING:

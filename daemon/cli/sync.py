@@ -23,7 +23,7 @@ from typing import Any, TextIO
 
 from pydantic import ValidationError
 
-from daemon.cli.main import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, run_async, settings_from
+from daemon.cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, run_async, settings_from
 from daemon.settings import Settings
 from daemon.sync.engine import SyncEngine
 from daemon.sync.plan import SyncProgress, select_targets

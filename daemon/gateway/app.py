@@ -1,12 +1,13 @@
 """The aiohttp application: middlewares, routes, and the components' cleanup contexts.
 
 Components start in dependency order and stop in reverse (``cleanup_ctx`` unwinds only
-what started); they join SIGHUP through ``Runtime.on_reload``.
+what started); they join SIGHUP through ``Runtime.on_reload``. Which components run is
+the caller's choice: ``daemon.service.build_app`` adds the sync service to the gateway.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from aiohttp import web
 
@@ -15,7 +16,6 @@ from daemon.gateway.component import gateway_component
 from daemon.metrics import CONTENT_TYPE, Metrics
 from daemon.runtime import RUNTIME, Phase, Runtime
 from daemon.settings import Settings
-from daemon.sync.service import sync_component
 
 # Routes that do not count as traffic for draining.
 _PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
@@ -68,14 +68,13 @@ async def metrics_handler(request: web.Request) -> web.Response:
 
 
 Component = Callable[[web.Application], AsyncIterator[None]]
-DEFAULT_COMPONENTS: tuple[Component, ...] = (gateway_component, sync_component)
 
 
 def create_app(
     settings: Settings,
     *,
     metrics: Metrics | None = None,
-    components: list[Component] | None = None,
+    components: Sequence[Component] = (gateway_component,),
 ) -> web.Application:
     """The daemon's application. ``components`` run as cleanup contexts, in order."""
     app = web.Application(
@@ -87,5 +86,5 @@ def create_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)
     routes.add_routes(app)
-    app.cleanup_ctx.extend(DEFAULT_COMPONENTS if components is None else components)
+    app.cleanup_ctx.extend(components)
     return app
