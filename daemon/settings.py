@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import (
-    BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
-    PlainSerializer,
     SecretStr,
     ValidationError,
     field_validator,
@@ -34,9 +30,42 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from daemon import registry
-from daemon.domain import ModelRef
+from daemon.sections import (
+    DownloadSettings,
+    JobsSettings,
+    NodeSettings,
+    OllamaSettings,
+    Port,
+    ReportSettings,
+    RetrySettings,
+    RoutingSettings,
+    ServerSettings,
+    ServicesSettings,
+    SshSettings,
+    SyncJobSettings,
+    redact_address,
+)
 from daemon.window import AllowedWindow
+
+# The sections are defined in daemon.sections; settings.py is where everyone imports them.
+__all__ = [
+    "DownloadSettings",
+    "JobsSettings",
+    "NodeSettings",
+    "OllamaSettings",
+    "ReportSettings",
+    "RetrySettings",
+    "RoutingSettings",
+    "ServerSettings",
+    "ServicesSettings",
+    "Settings",
+    "SettingsError",
+    "SshSettings",
+    "SyncJobSettings",
+    "anchor_paths",
+    "load_settings",
+    "redact_address",
+]
 
 ENV_PREFIX = "OLMD_"
 DEFAULT_PATHS = (Path("settings.toml"), Path("/etc/olmd/settings.toml"))
@@ -60,181 +89,6 @@ class SettingsError(Exception):
         self.source = source
         self.problems = list(problems)
         super().__init__(f"invalid settings ({source}):\n  " + "\n  ".join(self.problems))
-
-
-def _parse_window(value: object) -> object:
-    return AllowedWindow.parse(value) if isinstance(value, str) else value
-
-
-Window = Annotated[
-    AllowedWindow, BeforeValidator(_parse_window), PlainSerializer(str, return_type=str)
-]
-
-
-def _model_name(value: object) -> object:
-    if isinstance(value, str):
-        ModelRef.parse(value)  # raises ValueError naming the rule the name breaks
-    return value
-
-
-ModelName = Annotated[str, BeforeValidator(_model_name)]
-Seconds = Annotated[float, Field(gt=0)]
-Port = Annotated[int, Field(ge=1, le=65535)]
-
-
-def _known_plugin(kind: str, what: str, value: str) -> str:
-    known = registry.names(kind)
-    if value not in known:
-        raise ValueError(f"unknown {what}; expected one of {known}")
-    return value
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ServerSettings(Section):
-    host: str = "127.0.0.1"
-    port: Port = 11435
-    drain_timeout: Seconds = 30.0
-    max_body_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
-
-
-class RoutingSettings(Section):
-    strategy: str = "weighted"
-    probe_interval: Seconds = 5.0
-    probe_concurrency: int = Field(default=64, ge=1, le=1024)
-    cooldown: Seconds = 10.0
-    cooldown_max: Seconds = 300.0
-    failures_to_eject: int = Field(default=3, ge=1)
-    busy_cooldown: float = Field(default=1.0, ge=0)
-    rise: int = Field(default=2, ge=1)
-    fall: int = Field(default=3, ge=1)
-    max_ejection_percent: int = Field(default=100, ge=0, le=100)
-    prefer_loaded: bool = True
-    max_in_flight_per_node: int = Field(default=32, ge=0)  # 0: no cap
-    queue_limit: int = Field(default=256, ge=0)
-    queue_timeout: Seconds = 30.0
-    max_attempts: int = Field(default=3, ge=1, le=10)
-    retry_budget_percent: int = Field(default=20, ge=0, le=100)
-    connect_timeout: Seconds = 5.0
-    first_byte_timeout: Seconds = 300.0
-    non_streaming_timeout: Seconds = 1800.0
-    idle_timeout: Seconds = 120.0
-    total_timeout: float = Field(default=0, ge=0)  # 0: none
-
-    @field_validator("strategy")
-    @classmethod
-    def _known_strategy(cls, value: str) -> str:
-        return _known_plugin("balancers", "strategy", value)
-
-
-class ReportSettings(Section):
-    min_ram_gb: float = Field(default=64, ge=0)
-    min_free_disk_gb: float = Field(default=700, ge=0)
-    path: Path = Path("docs/deployment/ollama-health-report.md")
-
-
-class RetrySettings(Section):
-    max_attempts: int = Field(default=3, ge=1, le=100)
-    backoff_seconds: float = Field(default=20, ge=0)
-
-
-class DownloadSettings(Section):
-    data_root: str = "~/.ollama"
-    allowed_window: Window = AllowedWindow.parse("02:00-06:00 UTC+8")
-    max_parallel_jobs: int = Field(default=1, ge=1, le=64)
-    # A pull showing no progress for this long is cancelled and retried (Ollama resumes).
-    stall_timeout: Seconds = 300.0
-    retry: RetrySettings = RetrySettings()
-
-
-class NodeSettings(Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-    host: str = Field(min_length=1)
-    port: Port = 11434
-    scheme: Literal["http", "https"] = "http"
-    weight: int = Field(default=1, ge=1, le=1000)
-    transport: str = "http"
-    ssh_host: str | None = None
-    ssh_port: Port = 22
-    ssh_user: str | None = None
-    # Set for the node OLLAMA_REMOTE_HOST names: its address is a secret, shown nowhere.
-    secret_address: bool = Field(default=False, exclude=True)
-
-    @field_validator("transport")
-    @classmethod
-    def _known_transport(cls, value: str) -> str:
-        return _known_plugin("transports", "transport", value)
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}"
-
-    @property
-    def shown_address(self) -> str:
-        """The address for output (manifest, /admin): the URL, unless it is a secret."""
-        return "(OLLAMA_REMOTE_HOST)" if self.secret_address else self.url
-
-    def redact(self, text: str) -> str:
-        """``text`` (an error message, say) with a secret address replaced by the name."""
-        return (
-            redact_address(text, self.host, self.port, self.name) if self.secret_address else text
-        )
-
-
-class OllamaSettings(Section):
-    scheme: Literal["http", "https"] = "http"
-    host: str = "127.0.0.1"
-    port: Port = 11434
-    health_timeout: Seconds = 10.0
-    baseline_models: list[ModelName] = []
-    fallback_models: list[ModelName] = []
-    download: DownloadSettings = DownloadSettings()
-    nodes: list[NodeSettings] = []
-
-    @field_validator("nodes")
-    @classmethod
-    def _unique_names(cls, nodes: list[NodeSettings]) -> list[NodeSettings]:
-        seen: set[str] = set()
-        for node in nodes:
-            if node.name in seen:
-                raise ValueError(f"duplicate node name {node.name!r}; names must be unique")
-            seen.add(node.name)
-        return nodes
-
-
-class ServicesSettings(Section):
-    ollama: OllamaSettings = OllamaSettings()
-
-
-class SyncJobSettings(Section):
-    enabled: bool = True
-    schedule_cron: str = "0 3 * * *"
-    manifest_path: Path = Path("docs/deployment/ollama-models-manifest.json")
-
-    @field_validator("schedule_cron")
-    @classmethod
-    def _cron_parses(cls, value: str) -> str:
-        from apscheduler.triggers.cron import CronTrigger
-
-        try:
-            CronTrigger.from_crontab(value, timezone="UTC")
-        except ValueError as exc:
-            raise ValueError(
-                f"not a cron expression ({exc}); expected five fields, e.g. '0 3 * * *'"
-            ) from exc
-        return value
-
-
-class JobsSettings(Section):
-    ollama_sync: SyncJobSettings = SyncJobSettings()
-
-
-class SshSettings(Section):
-    known_hosts: Path | None = None
-    connect_timeout: Seconds = 10.0
 
 
 def _split_keys(value: object) -> object:
@@ -358,13 +212,6 @@ def _first_time_outside(cron: str, window: AllowedWindow) -> str | None:
             return f"{fire:%H:%M}"
         fire = trigger.get_next_fire_time(fire, fire + timedelta(minutes=1))
     return None
-
-
-def redact_address(text: str, host: str, port: int, name: str) -> str:
-    """``text`` without ``host`` and ``port``: "host:port", the host, and the port as a
-    whole number (error texts also show them apart, as in ``('10.0.0.5', 11434)``)."""
-    text = text.replace(f"{host}:{port}", name).replace(host, name)
-    return re.sub(rf"(?<!\d){port}(?!\d)", name, text)
 
 
 def _node_name(host: str) -> str:

@@ -25,6 +25,7 @@ CORE = frozenset(
         "daemon.ports",
         "daemon.registry",
         "daemon.runtime",
+        "daemon.sections",
         "daemon.settings",
         "daemon.systemd",
         "daemon.window",
