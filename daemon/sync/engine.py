@@ -2,7 +2,8 @@
 watchdog, stop at the window's close, write the manifest and the state file.
 
 Use it through :mod:`daemon.sync.service` (``run_sync``, ``SyncService``), which holds the lock.
-Its parts: :mod:`daemon.sync.plan`, :mod:`daemon.sync.inventory`, :mod:`daemon.sync.run_manifest`.
+Its parts: :mod:`daemon.sync.plan`, :mod:`daemon.sync.inventory`, :mod:`daemon.sync.run_manifest`,
+:mod:`daemon.sync.watchdog` (one pull, cancelled when it stalls).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from daemon.sync.plan import (
 )
 from daemon.sync.run_manifest import write_run_manifest
 from daemon.sync.state import read_state, state_path, write_state
+from daemon.sync.watchdog import watch_pull
 
 __all__ = ["Backoff", "Clock", "Now", "SyncEngine", "TransportFactory", "utcnow"]
 
@@ -50,9 +52,6 @@ TransportFactory = Callable[[str], PullTransport]
 """A transport for a name from settings ("http", "ssh"); default: the plugin registry."""
 
 _BACKOFF_CAP = 900.0  # growing waits stop growing at 15 minutes
-# Ollama hashes the whole blob after the download, printing nothing new meanwhile: that
-# phase gets this many stall timeouts before it counts as stalled.
-VERIFY_STALL_FACTOR = 3.0
 
 
 def utcnow() -> datetime:
@@ -304,21 +303,10 @@ class SyncEngine:
     async def _watched(
         self, o: Outcome, target: Target, transport: PullTransport
     ) -> PullError | None:
-        loop = asyncio.get_running_loop()
-        stall = self._download.stall_timeout
-        last_activity = loop.time()
-        seen: tuple[str, int, int] | None = None
         counted = 0
-        verifying = False
 
         def on_progress(status: str, completed: int, total: int) -> None:
-            # Any change counts as activity: Ollama repeats identical lines while a
-            # download stands still, and SSH status text carries the CLI's whole progress
-            # line (percent, speed, time left), which moves even when rounded bytes do not.
-            nonlocal last_activity, seen, counted, verifying
-            if (status, completed, total) != seen:
-                seen, last_activity = (status, completed, total), loop.time()
-            verifying = status.strip().lower().startswith("verifying")
+            nonlocal counted
             if self._metrics is not None and completed > counted:
                 self._metrics.record_bytes(o.node, completed - counted)
             counted = max(counted, completed)
@@ -328,28 +316,9 @@ class SyncEngine:
             )  # fmt: skip
 
         self.progress.update(o.node, o.model, state="pulling", attempt=o.attempts)
-        task = asyncio.create_task(transport.pull(target, o.model, on_progress))
-        try:
-            while not task.done():
-                quiet = loop.time() - last_activity
-                limit = stall * VERIFY_STALL_FACTOR if verifying else stall
-                if quiet >= limit:
-                    await _settle(task)
-                    phase = " while verifying the digest" if verifying else ""
-                    return PullError(
-                        f"{target.name}: no progress for {limit:g} s{phase}; pull cancelled",
-                    )
-                await asyncio.wait({task}, timeout=limit - quiet)
-            task.result()
-        except PullError as exc:
-            return exc
-        except Exception as exc:  # names were validated above: anything else may pass
-            log.exception("sync.transport_error", node=o.node, model=o.model)
-            return PullError(f"{target.name}: {type(exc).__name__}: {exc}")
-        finally:
-            if not task.done():  # we were cancelled: take the pull down with us
-                await _settle(task)
-        return None
+        return await watch_pull(
+            transport, target, o.model, on_progress, stall_timeout=self._download.stall_timeout
+        )
 
     def _finish(self, o: Outcome, status: Literal["pulled", "failed"], error: str | None) -> None:
         o.status, o.error = status, error
@@ -402,11 +371,3 @@ class SyncEngine:
             failed = [o for o in result.outcomes if not o.ok]
             update["last_error"] = failed[0].error if failed else None
         write_state(path, current.model_copy(update=update))
-
-
-async def _settle(task: asyncio.Task[None]) -> None:
-    """Cancel ``task`` and wait for it; whatever it raised on the way out is dropped."""
-    task.cancel()
-    await asyncio.wait({task})
-    if not task.cancelled():
-        task.exception()  # retrieved, so asyncio does not report it as never retrieved

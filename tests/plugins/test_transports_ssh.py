@@ -27,7 +27,7 @@ from daemon.ports import PullError
 from daemon.sync.plan import Target
 from daemon.sync.service import SyncOptions, run_sync
 from plugins.transports.ssh_pull import SshPullTransport, pull_command
-from tests.sync.test_service import IN_WINDOW, FakeNow, make_settings
+from tests.sync.support import IN_WINDOW, FakeNow, make_settings
 
 # Like the real CLI: redrawn bars with escape codes and a spinner, on stderr.
 STAND_IN_OLLAMA = r"""#!/bin/sh

@@ -31,7 +31,7 @@ from daemon.sync.scheduler import (
 from daemon.sync.service import SYNC, SyncBusy, SyncOptions, SyncService, run_sync, sync_component
 from daemon.sync.state import SyncState
 from daemon.window import AllowedWindow
-from tests.sync.test_service import FakeNow, make_settings
+from tests.sync.support import FakeNow, make_settings
 
 UTC8 = timezone(timedelta(hours=8))
 WINDOW = AllowedWindow.parse("02:00-06:00 UTC+8")
