@@ -115,8 +115,7 @@ port = {port}
 
 [routing]
 strategy = "round_robin"
-prefer_loaded = false
-max_in_flight_per_node = 1024  # far above the tested concurrency: nothing waits in olmd
+parallel = 256  # far above the tested concurrency per node: nothing waits in olmd
 queue_limit = 1024
 
 [jobs.ollama_sync]
@@ -331,8 +330,7 @@ def machine_facts(args: argparse.Namespace, pinning: str) -> dict[str, Any]:
         f"{args.token_delay * 1000:g} ms apart; aiohttp client counting NDJSON lines, "
         f"{args.duration:g} s per measurement",
         "proxies": "nginx: worker_processes 1, proxy_http_version 1.1, upstream keepalive, "
-        "proxy_buffering off; olmd: round_robin, prefer_loaded=false, "
-        "max_in_flight_per_node=1024, JSON logs at warning",
+        "proxy_buffering off; olmd: round_robin, parallel=256, JSON logs at warning",
     }
 
 

@@ -11,7 +11,7 @@ import platform
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -47,6 +47,8 @@ class NodeStats(Protocol):
     def models(self) -> Sized: ...
     @property
     def loaded(self) -> Sized: ...
+    @property
+    def busy(self) -> Mapping[str, int]: ...
     def state(self, now: float) -> NodeState: ...
 
 
@@ -59,6 +61,7 @@ class FleetStats(Protocol):
 class RouterStats(Protocol):
     @property
     def queued(self) -> int: ...
+    def slots(self, node: Any) -> int: ...
 
 
 class SyncOutcomeStats(Protocol):
@@ -144,6 +147,40 @@ class Metrics:
             buckets=TPS_BUCKETS,
             registry=r,
         )
+        # --- routing ---------------------------------------------------------------------
+        self.route_decisions = Counter(
+            "olmd_route_decisions",
+            "Nodes chosen, by strategy and reason (affinity, warm, least-wait, rendezvous, "
+            "weighted, failover; a classic strategy's own name)",
+            ["strategy", "reason"],
+            registry=r,
+        )
+        self.cold_loads = Counter(
+            "olmd_cold_loads",
+            "Answers that waited for their model to load on the node",
+            ["node", "model"],
+            registry=r,
+        )
+        self.cached_prompt_tokens = Counter(
+            "olmd_route_cached_prompt_tokens",
+            "Prompt tokens routing expected a node to hold in its cache already",
+            ["node", "model"],
+            registry=r,
+        )
+        self.ttft_estimated = Histogram(
+            "olmd_route_estimated_ttft_seconds",
+            "adaptive's estimate of the time to first token, per node chosen",
+            ["node"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft_measured = Histogram(
+            "olmd_route_measured_ttft_seconds",
+            "Measured time from dispatch to the node's first byte, for requests adaptive routed",
+            ["node"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.failovers = Counter(
             "olmd_failovers",
             "Attempts retried on another node before the first byte",
@@ -211,6 +248,14 @@ class _FleetCollector(Collector):
             "Models each node has in memory (last probe)",
             labels=["node"],
         )
+        slots = GaugeMetricFamily(
+            "olmd_node_slots", "Requests each node runs at once per model", labels=["node"]
+        )
+        in_use = GaugeMetricFamily(
+            "olmd_node_slots_in_use",
+            "olmd's requests in flight per node and model",
+            labels=["node", "model"],
+        )
         for node in fleet:
             current = node.state(now)
             for s in NodeState:
@@ -220,7 +265,10 @@ class _FleetCollector(Collector):
             ejections.add_metric([node.name], node.health.total_ejections)
             models.add_metric([node.name], len(node.models))
             loaded.add_metric([node.name], len(node.loaded))
-        yield from (state, in_flight, cooldown, ejections, models, loaded)
+            slots.add_metric([node.name], router.slots(node))
+            for model, count in node.busy.items():
+                in_use.add_metric([node.name, model], count)
+        yield from (state, in_flight, cooldown, ejections, models, loaded, slots, in_use)
         yield GaugeMetricFamily(
             "olmd_queued_requests",
             "Requests waiting for a node under the in-flight cap",

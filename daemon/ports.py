@@ -5,14 +5,16 @@ through them and through ``daemon.domain``. A plugin class is registered by name
 (``daemon.registry``: built-ins from a table, third parties from the entry point group
 ``olmd.<kind>``) and constructed by the core with no arguments.
 
-Plugin kinds: ``Balancer`` (below). ``PullTransport`` (model downloads onto a node) is
-defined here by the sync issue.
+Plugin kinds: ``Balancer`` (below), or its cost-aware form ``CostBalancer``, which also
+sees the request's routing facts and what the fleet knows of each candidate;
+``PullTransport`` (model downloads onto a node).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, TypeVar
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 
 class NodeView(Protocol):
@@ -64,6 +66,67 @@ class Balancer(Protocol):
 
     def choose(self, candidates: Sequence[NodeT]) -> NodeT:
         """Return the candidate that should serve the next request."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRequest:
+    """What routing knows of one request, read from its body once.
+
+    ``prompt_tokens`` is an estimate (about four characters a token). ``conversation`` is a
+    stable number for the conversation's start (its first messages), the same on every
+    gateway, or None when the request has none. ``session`` is an explicit key the client
+    gave (``X-Olmd-Session``, or OpenAI's ``user``), or None.
+    """
+
+    model: str
+    prompt_tokens: int = 0
+    conversation: int | None = None
+    session: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate(Generic[NodeT]):
+    """One node that may serve the request now, with what the fleet knows of it.
+
+    Every time is in seconds and already resolved: measured on this node for this model
+    where the fleet has seen it, else the fleet's mean for the model, else the settings'
+    default. ``load_seconds`` is 0 when the model is loaded there; it includes the cost of
+    the eviction the load would cause on a node at its resident-model limit.
+    """
+
+    node: NodeT
+    slots: int  # requests the node runs at once for this model
+    busy: int  # olmd's requests in flight on the node for this model
+    load_seconds: float
+    seconds_per_prompt_token: float
+    service_seconds: float  # how long one request holds a slot
+    cached_tokens: int  # prompt tokens the node's slots probably hold already
+    pinned: bool  # the request's session was served here last
+
+
+@dataclass(frozen=True, slots=True)
+class Choice(Generic[NodeT]):
+    """A cost-aware balancer's answer: the node, why (``X-Olmd-Route``), its estimate."""
+
+    node: NodeT
+    reason: str
+    estimate: float  # seconds to the first token, as the balancer reckoned it
+
+
+@runtime_checkable
+class CostBalancer(Protocol):
+    """A balancer that weighs each candidate's cost for this request (``adaptive``).
+
+    Same contract as :class:`Balancer`, except that ``select`` receives the request's
+    facts and one :class:`Candidate` per routable node with room, and returns a
+    :class:`Choice` naming one of the candidates' nodes. It must stay O(candidates).
+    """
+
+    def select(
+        self, request: RouteRequest, candidates: Sequence[Candidate[NodeT]]
+    ) -> Choice[NodeT]:
+        """Return the choice for this request."""
         ...
 
 

@@ -16,6 +16,7 @@ BUILTINS: dict[str, dict[str, str]] = {
         "round_robin": "plugins.balancers.round_robin:RoundRobinBalancer",
         "weighted": "plugins.balancers.weighted:WeightedBalancer",
         "least_busy": "plugins.balancers.least_busy:LeastBusyBalancer",
+        "adaptive": "plugins.balancers.adaptive:AdaptiveBalancer",
     },
     "transports": {
         "http": "plugins.transports.http_pull:HttpPullTransport",

@@ -64,7 +64,7 @@ class ServerSettings(Section):
 
 
 class RoutingSettings(Section):
-    strategy: str = "weighted"
+    strategy: str = "adaptive"
     probe_interval: Seconds = 5.0
     probe_concurrency: int = Field(default=64, ge=1, le=1024)
     cooldown: Seconds = 10.0
@@ -74,10 +74,26 @@ class RoutingSettings(Section):
     rise: int = Field(default=2, ge=1)
     fall: int = Field(default=3, ge=1)
     max_ejection_percent: int = Field(default=100, ge=0, le=100)
-    prefer_loaded: bool = True
-    max_in_flight_per_node: int = Field(default=32, ge=0)  # 0: no cap
+    # Requests a node runs at once per model: its OLLAMA_NUM_PARALLEL. Ollama's default is 1
+    # since 0.10 (it was 4 or 1 by memory before); a node's own ``parallel`` overrides it.
+    parallel: int = Field(default=1, ge=1, le=256)
+    # Requests a node may hold beyond its slots, waiting in Ollama's own queue: the next
+    # one starts without a round trip through olmd. 0 keeps every wait in olmd's queue,
+    # where it goes to whichever node frees a slot first.
+    overcommit: int = Field(default=0, ge=0, le=64)
+    max_in_flight_per_node: int = Field(default=0, ge=0)  # all models together; 0: no cap
     queue_limit: int = Field(default=256, ge=0)
     queue_timeout: Seconds = 30.0
+    # What adaptive assumes before it has measured a node: a cold load's seconds, the
+    # prompt tokens evaluated per second, the seconds a request holds a slot.
+    cold_load_seconds: Seconds = 10.0
+    prompt_tokens_per_second: Seconds = 1000.0
+    service_seconds: Seconds = 5.0
+    # A conversation pinned by X-Olmd-Session (or OpenAI's ``user``) stays on its node
+    # while that node's estimate is at most this many times the best one.
+    pin_tolerance: float = Field(default=1.5, ge=1.0)
+    # Conversation prefixes remembered per slot of a node and model (LRU beyond).
+    affinity_entries_per_slot: int = Field(default=4, ge=1, le=1024)
     max_attempts: int = Field(default=3, ge=1, le=10)
     retry_budget_percent: int = Field(default=20, ge=0, le=100)
     connect_timeout: Seconds = 5.0
@@ -118,6 +134,10 @@ class NodeSettings(Section):
     port: Port = 11434
     scheme: Literal["http", "https"] = "http"
     weight: int = Field(default=1, ge=1, le=1000)
+    # The node's OLLAMA_NUM_PARALLEL; unset: [routing] parallel.
+    parallel: int | None = Field(default=None, ge=1, le=256)
+    # The node's OLLAMA_MAX_LOADED_MODELS, if known: loading one more evicts one (0: unknown).
+    max_loaded_models: int = Field(default=0, ge=0, le=64)
     transport: str = "http"
     ssh_host: str | None = None
     ssh_port: Port = 22

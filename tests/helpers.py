@@ -40,7 +40,9 @@ def settings_dict(
 ) -> dict[str, Any]:
     return {
         "server": {"host": "127.0.0.1", "port": port or free_port(), "drain_timeout": 10.0},
-        "routing": {"probe_interval": 0.5, **routing},
+        # The classic strategy and room for many requests per node, unless a test asks:
+        # most proxy tests are about forwarding, not about slots.
+        "routing": {"probe_interval": 0.5, "strategy": "weighted", "parallel": 32, **routing},
         "services": {"ollama": {"health_timeout": 2.0, "nodes": node_entries(emulators)}},
         # No nightly sync in proxy tests, whatever the time of day the suite runs at.
         "jobs": {"ollama_sync": {"enabled": False}},

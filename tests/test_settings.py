@@ -47,7 +47,7 @@ def test_shipped_settings_are_valid(capsys: pytest.CaptureFixture[str]) -> None:
     assert "settings OK: 1 node(s)" in capsys.readouterr().out
     settings = load_settings(ROOT / "settings.toml")
     assert settings.server.port == 11435
-    assert settings.routing.strategy == "weighted"
+    assert settings.routing.strategy == "adaptive"
     assert str(settings.services.ollama.download.allowed_window) == "02:00-06:00 UTC+8"
     assert settings.models() == [
         "gpt-oss:20b",

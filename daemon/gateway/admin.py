@@ -25,9 +25,16 @@ def _gateway(request: web.Request) -> Gateway:
 async def list_nodes(request: web.Request) -> web.Response:
     gateway = _gateway(request)
     now = time.monotonic()
-    nodes = [gateway.fleet.describe(node, now) for node in gateway.fleet]
+    nodes = [
+        gateway.fleet.describe(node, now) | gateway.router.describe(node) for node in gateway.fleet
+    ]
     return web.json_response(
-        {"nodes": nodes, "panic": gateway.fleet.panic, "queued": gateway.router.queued}
+        {
+            "nodes": nodes,
+            "panic": gateway.fleet.panic,
+            "queued": gateway.router.queued,
+            "strategy": gateway.router.routing.strategy,
+        }
     )
 
 

@@ -8,7 +8,7 @@ A reload swaps the table without touching in-flight requests, which keep their `
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -46,6 +46,8 @@ class Node:
     config: NodeSettings
     health: NodeHealth
     in_flight: int = 0
+    # olmd's requests in flight per model (model_key → count): the slots in use.
+    busy: dict[str, int] = field(default_factory=dict)
     version: str | None = None
     # From the last good probe: /api/tags entries and /api/ps entries, keyed by model_key.
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -86,6 +88,9 @@ class Fleet:
         self.policy = policy_from(routing)
         self._nodes: dict[str, Node] = {}
         self.panic = False  # the last routing decision had to use doubtful nodes
+        # Told when what a node's memory holds is gone: (node, model), or (node, None)
+        # for everything (the node was down). The router's prefix index listens.
+        self.on_forget: Callable[[str, str | None], None] = lambda node, model: None
         self.update(nodes, routing)
 
     def __iter__(self) -> Iterator[Node]:
@@ -130,12 +135,24 @@ class Fleet:
         tags: Sequence[Mapping[str, Any]],
         ps: Sequence[Mapping[str, Any]],
     ) -> None:
+        loaded = _by_key(ps)
+        if node.health.down or (node.version is not None and version != node.version):
+            self.on_forget(node.name, None)  # back from down, or restarted: caches are cold
+        else:
+            for key in node.loaded.keys() - loaded.keys():
+                self.on_forget(node.name, key)
         node.version = version
         node.models = _by_key(tags)
-        node.loaded = _by_key(ps)
+        node.loaded = loaded
         node.missing.clear()
         node.probed_at = now
         node.health.record_probe(now, True)
+
+    def mark_loaded(self, node: Node, key: str) -> None:
+        """A request just ran ``key`` on ``node``: it is in memory there until a probe
+        says otherwise."""
+        if key not in node.loaded:
+            node.loaded[key] = {"name": key}
 
     def probe_failed(self, node: Node, now: float, detail: str) -> None:
         node.probed_at = now
@@ -172,6 +189,7 @@ class Fleet:
             "loaded": sorted(node.loaded),
             "missing": sorted(node.missing),
             "in_flight": node.in_flight,
+            "parallel": node.config.parallel,
             "consecutive_failures": health.consecutive_failures,
             "ejections": health.total_ejections,
             "cooldown_seconds": round(remaining, 3),

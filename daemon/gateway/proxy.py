@@ -21,7 +21,8 @@ from aiohttp import web
 
 from daemon.domain import FailureKind, classify_status
 from daemon.gateway.fleet import Fleet, Node, model_key
-from daemon.gateway.router import NoNode, Router
+from daemon.gateway.prompts import EMPTY, read_prompt
+from daemon.gateway.router import NoNode, Route, Router
 from daemon.gateway.wire import (
     ERROR_BODY_LIMIT,
     error_message,
@@ -30,13 +31,16 @@ from daemon.gateway.wire import (
     json_error,
     openai_error,
     response_headers,
+    timings_from_tail,
     usage_from_tail,
 )
 from daemon.metrics import Metrics
+from daemon.ports import RouteRequest
 from daemon.settings import RoutingSettings
 
 # Recorded for a client that left before its answer ended (nginx's convention).
 CLIENT_GONE = 499
+COLD_LOAD_NS = 100_000_000  # a load_duration this long was a model load, not bookkeeping
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,27 +132,32 @@ class Proxy:
         if not streaming:
             wait = max(wait, self.routing.non_streaming_timeout)
         headers = forward_headers(request)
+        route_request, prompt = self._facts(request, endpoint, upstream, payload, key)
         tried: list[str] = []
         last: web.Response | None = None
+        node: Node | None = None
         self.active += 1
         try:
             while True:
                 try:
-                    node = await self.router.acquire(key, exclude=tried)
+                    route = await self.router.acquire(route_request, prompt, exclude=tried)
                 except NoNode as exc:
-                    if last is not None and exc.status == 404:
+                    if last is not None and node is not None and exc.status == 404:
                         self._count(node, key, endpoint, last.status)
                         return last  # every node holding the model was tried
                     self.metrics.rejected.labels(endpoint.path, str(exc.status)).inc()
                     extra = {"Retry-After": str(int(exc.retry_after))} if exc.retry_after else {}
                     return error(exc.status, exc.message, **extra)
+                node = route.node
                 tried.append(node.name)
                 retry = len(tried) > 1
                 if retry:
                     self.retrying += 1
+                    route.reason = "failover"
+                self._child(self.metrics.route_decisions, self.routing.strategy, route.reason).inc()
                 try:
                     return await self._attempt(
-                        request, node, endpoint, upstream, body, headers, key, started, wait
+                        request, route, endpoint, upstream, body, headers, started, wait
                     )
                 except _Final as final:
                     self._count(node, key, endpoint, final.response.status)
@@ -161,11 +170,29 @@ class Proxy:
                         return failed.response
                     self.metrics.failovers.labels(endpoint.path, failed.reason).inc()
                 finally:
-                    self.router.release(node)
+                    self.router.release(route)
                     if retry:
                         self.retrying -= 1
         finally:
             self.active -= 1
+
+    def _facts(
+        self,
+        request: web.Request,
+        endpoint: Endpoint,
+        upstream: str,
+        payload: dict[str, Any],
+        key: str,
+    ) -> tuple[RouteRequest, Any]:
+        """What the router needs of this request; the prompt only for a cost balancer."""
+        session = request.headers.get("X-Olmd-Session")
+        if session is None and endpoint.openai:
+            user = payload.get("user")
+            session = user if isinstance(user, str) and user else None
+        if not self.router.cost_aware:
+            return RouteRequest(key, session=session), EMPTY
+        prompt = read_prompt(upstream, payload, key)
+        return RouteRequest(key, prompt.total_tokens, prompt.conversation, session), prompt
 
     async def pass_through(self, request: web.Request, node: Node) -> web.StreamResponse:
         """Forward a request as it is (method, path, query, streamed body) to one node."""
@@ -200,17 +227,17 @@ class Proxy:
     async def _attempt(
         self,
         request: web.Request,
-        node: Node,
+        route: Route,
         endpoint: Endpoint,
         upstream_path: str,
         body: bytes,
         headers: Mapping[str, str],
-        key: str,
         started: float,
         wait: float,
     ) -> web.StreamResponse:
+        node, key = route.node, route.key
         error = openai_error if endpoint.openai else json_error
-        node_header = {"X-Olmd-Node": node.name}
+        node_header = {"X-Olmd-Node": node.name, "X-Olmd-Route": route.reason}
         try:
             async with asyncio.timeout(wait):
                 upstream = await self.session.post(
@@ -239,18 +266,22 @@ class Proxy:
             self._count(node, key, endpoint, CLIENT_GONE)
             self._child(self.metrics.upstream_cancelled, node.name).inc()
             raise
-        self._child(self.metrics.ttfb, endpoint.path).observe(time.monotonic() - started)
+        now = time.monotonic()
+        self._child(self.metrics.ttfb, endpoint.path).observe(now - started)
+        if route.estimate is not None:
+            self._child(self.metrics.ttft_estimated, node.name).observe(route.estimate)
+            self._child(self.metrics.ttft_measured, node.name).observe(now - route.started)
         if upstream.content.at_eof():
             # The whole body came with the first read (a non-streamed answer): answer in
             # one write, without the streaming machinery.
-            headers = response_headers(upstream, node.name)
+            headers = response_headers(upstream, node.name, route.reason)
             upstream.release()
             self.fleet.request_ok(node, time.monotonic())
-            self._observe(node, endpoint, key, upstream.status, started, first)
+            self._observe(route, endpoint, upstream.status, started, first)
             return web.Response(
                 body=first, status=upstream.status, reason=upstream.reason, headers=headers
             )
-        return await self._relay(request, node, endpoint, upstream, first, key, started)
+        return await self._relay(request, route, endpoint, upstream, first, started)
 
     async def _refused(
         self,
@@ -281,17 +312,17 @@ class Proxy:
     async def _relay(
         self,
         request: web.Request,
-        node: Node,
+        route: Route,
         endpoint: Endpoint,
         upstream: aiohttp.ClientResponse,
         first: bytes,
-        key: str,
         started: float,
     ) -> web.StreamResponse:
+        node, key = route.node, route.key
         response = web.StreamResponse(
             status=upstream.status,
             reason=upstream.reason,
-            headers=response_headers(upstream, node.name),
+            headers=response_headers(upstream, node.name, route.reason),
         )
         if upstream.content_length is not None:
             response.content_length = upstream.content_length
@@ -333,7 +364,7 @@ class Proxy:
             raise
         finally:
             upstream.release()
-        self._observe(node, endpoint, key, status, started, prev + tail)
+        self._observe(route, endpoint, status, started, prev + tail)
         return response
 
     def _client_gone(
@@ -351,11 +382,19 @@ class Proxy:
         self.fleet.request_failed(node, time.monotonic(), kind, detail)
 
     def _observe(
-        self, node: Node, endpoint: Endpoint, key: str, status: int, started: float, tail: bytes
+        self, route: Route, endpoint: Endpoint, status: int, started: float, tail: bytes
     ) -> None:
         metrics, child = self.metrics, self._child
+        node, key = route.node, route.key
         self._count(node, key, endpoint, status)
         child(metrics.latency, endpoint.path).observe(time.monotonic() - started)
+        if status < 300:
+            sample = timings_from_tail(tail)
+            self.router.complete(route, sample)
+            if sample is not None and sample.load_ns >= COLD_LOAD_NS:
+                child(metrics.cold_loads, node.name, key).inc()
+            if route.cached_tokens:
+                child(metrics.cached_prompt_tokens, node.name, key).inc(route.cached_tokens)
         usage = usage_from_tail(tail)
         if usage is None:
             return

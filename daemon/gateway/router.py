@@ -1,21 +1,38 @@
-"""Choosing a node for a request: model-aware filtering, then the balancer plugin.
+"""Choosing a node for a request: routable holders with a free slot, then the strategy.
 
 Only routable nodes that hold the model are candidates (every non-draining holder in
-panic routing); among them, nodes with the model already loaded are preferred. A per-node
-in-flight cap makes excess requests wait here, in a bounded queue with a deadline, rather
-than in Ollama's own queue, which answers 503 unpredictably.
+panic routing), and of those only nodes with a free slot for the model: a node runs
+``parallel`` requests at once per model (its ``OLLAMA_NUM_PARALLEL``), plus
+``overcommit``. A request that finds no free slot waits in one fleet-wide queue, first
+come first served per model, and goes to whichever holder frees a slot first; after
+``queue_timeout``, or beyond ``queue_limit`` waiting, it gets 503.
+
+A classic balancer (``weighted``, ``round_robin``, ``least_busy``) picks among the
+candidates as defined, whatever is loaded where. A cost balancer (``adaptive``) gets,
+per candidate, what the fleet knows: slots in use, the learned load time, prompt rate and
+service time (:mod:`daemon.gateway.rates`), and the prompt tokens the node's slots
+probably hold (:mod:`daemon.gateway.affinity`). Completed requests teach both.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict, deque
 from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from typing import Any
 
 from daemon import registry
 from daemon.domain import select_routable
+from daemon.gateway.affinity import PrefixIndex
 from daemon.gateway.fleet import Fleet, Node
-from daemon.ports import Balancer
+from daemon.gateway.prompts import EMPTY, Prompt
+from daemon.gateway.rates import Defaults, Rates, Sample
+from daemon.ports import Balancer, Candidate, CostBalancer, RouteRequest
 from daemon.settings import RoutingSettings
+
+_REPOLL = 0.5  # a waiter looks again this often (a node back from cooldown frees no slot)
+_MAX_SESSIONS = 100_000
 
 
 class NoNode(Exception):
@@ -28,9 +45,43 @@ class NoNode(Exception):
         self.retry_after = retry_after
 
 
-def make_balancer(strategy: str) -> Balancer:
-    balancer: Balancer = registry.load("balancers", strategy)()
+@dataclass(eq=False, slots=True)
+class Route:
+    """One attempt's node and why, its slot taken; give it back with ``Router.release``."""
+
+    node: Node
+    key: str
+    reason: str
+    estimate: float | None = None  # seconds to the first token, for a cost balancer
+    cached_tokens: int = 0
+    expected_cold: bool = False
+    started: float = 0.0
+    prompt: Prompt = EMPTY
+    session: str | None = None
+    released: bool = False
+
+
+@dataclass(eq=False)
+class _Waiter:
+    request: RouteRequest
+    prompt: Prompt
+    exclude: Collection[str]
+    future: asyncio.Future[Route] = field(repr=False)
+
+
+def make_balancer(routing: RoutingSettings) -> Balancer:
+    balancer: Balancer = registry.load("balancers", routing.strategy)()
+    if hasattr(balancer, "pin_tolerance"):
+        balancer.pin_tolerance = routing.pin_tolerance
     return balancer
+
+
+def _defaults(routing: RoutingSettings) -> Defaults:
+    return Defaults(
+        load_seconds=routing.cold_load_seconds,
+        seconds_per_prompt_token=1 / routing.prompt_tokens_per_second,
+        service_seconds=routing.service_seconds,
+    )
 
 
 class Router:
@@ -43,19 +94,34 @@ class Router:
         self.fleet = fleet
         self.clock = clock
         self.routing = routing
-        self.balancer = make_balancer(routing.strategy)
+        self.balancer = make_balancer(routing)
+        self.index = PrefixIndex(routing.affinity_entries_per_slot)
+        self.rates = Rates(_defaults(routing))
+        self.sessions: OrderedDict[str, str] = OrderedDict()
         self.queued = 0
-        self._freed = asyncio.Event()
+        self._queue: dict[str, deque[_Waiter]] = {}
+        fleet.on_forget = self.index.drop
+
+    @property
+    def cost_aware(self) -> bool:
+        """Whether the strategy weighs costs, and so wants each request's prompt read."""
+        return isinstance(self.balancer, CostBalancer)
 
     def reconfigure(self, routing: RoutingSettings) -> None:
         # A fresh balancer, as nginx starts fresh peers on reload: state built on the
-        # old weights would skew the first rounds on the new ones.
-        self.balancer = make_balancer(routing.strategy)
+        # old weights would skew the first rounds on the new ones. What was learned about
+        # the nodes stays true and is kept.
+        self.balancer = make_balancer(routing)
         self.routing = routing
-        self._wake()  # a raised cap or new nodes may serve queued requests now
+        self.index.entries_per_slot = routing.affinity_entries_per_slot
+        self.rates.defaults = _defaults(routing)
+        self._dispatch()  # more slots or new nodes may serve queued requests now
+
+    def slots(self, node: Node) -> int:
+        return node.config.parallel or self.routing.parallel
 
     def candidates(self, key: str, exclude: Collection[str] = ()) -> list[Node]:
-        """Nodes that may serve ``key`` now, ignoring the in-flight cap.
+        """Nodes that may serve ``key`` now, ignoring their slots.
 
         Raises NoNode (503) when nodes hold the model but all of them are draining.
         """
@@ -68,53 +134,190 @@ class Router:
             raise NoNode(503, f"every node holding {key!r} is draining", retry_after=5)
         return list(selection.nodes)
 
-    def _pick(self, key: str, exclude: Collection[str]) -> Node | None:
+    def _has_room(self, node: Node, key: str) -> bool:
+        cap = self.routing.max_in_flight_per_node
+        if cap and node.in_flight >= cap:
+            return False
+        return node.busy.get(key, 0) < self.slots(node) + self.routing.overcommit
+
+    def _pick(
+        self, request: RouteRequest, prompt: Prompt, exclude: Collection[str]
+    ) -> Route | None:
+        key = request.model
         nodes = self.candidates(key, exclude)
         if not nodes:
             raise NoNode(404, f"model {key!r} not found on any available node")
-        cap = self.routing.max_in_flight_per_node
-        if cap:
-            nodes = [n for n in nodes if n.in_flight < cap]
-            if not nodes:
-                return None
-        if self.routing.prefer_loaded:
-            # Nodes with the model in memory first, while they have room: a cold load
-            # elsewhere is paid only when they are full, so a cold node is not starved
-            # under load, and light traffic does not wake models all over the fleet.
-            loaded = [n for n in nodes if n.has_loaded(key)]
-            if loaded:
-                nodes = loaded
-        node = self.balancer.choose(nodes)
+        free = [n for n in nodes if self._has_room(n, key)]
+        if not free:
+            return None
+        balancer = self.balancer
+        if isinstance(balancer, CostBalancer):
+            candidates = self._candidates(request, prompt, free)
+            choice = balancer.select(request, candidates)
+            chosen = next(c for c in candidates if c.node is choice.node)
+            route = Route(
+                choice.node,
+                key,
+                choice.reason,
+                estimate=choice.estimate,
+                cached_tokens=chosen.cached_tokens,
+                expected_cold=chosen.load_seconds > 0,
+                prompt=prompt,
+                session=request.session,
+            )
+            if prompt.hashes:
+                self.index.touch(choice.node.name, key, prompt.hashes)
+        else:
+            node = balancer.choose(free)
+            route = Route(node, key, self.routing.strategy, expected_cold=not node.has_loaded(key))
+        node = route.node
         node.in_flight += 1
-        return node
+        node.busy[key] = node.busy.get(key, 0) + 1
+        route.started = self.clock()
+        return route
 
-    async def acquire(self, key: str, exclude: Collection[str] = ()) -> Node:
-        """A node for one attempt, its in-flight count taken; give it back with release."""
-        node = self._pick(key, exclude)
-        if node is not None:
-            return node
+    def _candidates(
+        self, request: RouteRequest, prompt: Prompt, nodes: list[Node]
+    ) -> list[Candidate[Node]]:
+        key, rates = request.model, self.rates
+        matched = self.index.cached(key, prompt.hashes, (n.name for n in nodes))
+        pinned = self.sessions.get(request.session) if request.session else None
+        out = []
+        for n in nodes:
+            segments = matched.get(n.name, 0)
+            out.append(
+                Candidate(
+                    node=n,
+                    slots=self.slots(n),
+                    busy=n.busy.get(key, 0),
+                    load_seconds=0.0 if n.has_loaded(key) else self._load_cost(n, key),
+                    seconds_per_prompt_token=rates.seconds_per_prompt_token(n.name, key),
+                    service_seconds=rates.service_seconds(n.name, key),
+                    cached_tokens=prompt.tokens[segments - 1] if segments else 0,
+                    pinned=n.name == pinned,
+                )
+            )
+        return out
+
+    def _load_cost(self, node: Node, key: str) -> float:
+        cost = self.rates.load_seconds(node.name, key)
+        limit = node.config.max_loaded_models
+        if limit and len(node.loaded) >= limit:
+            # Loading evicts a resident model: whoever needs it next pays its load again.
+            cost += min(self.rates.load_seconds(node.name, m) for m in node.loaded)
+        return cost
+
+    async def acquire(
+        self, request: RouteRequest, prompt: Prompt = EMPTY, exclude: Collection[str] = ()
+    ) -> Route:
+        """A node for one attempt, its slot taken; give it back with :meth:`release`."""
+        key = request.model
+        if not self._queue.get(key):  # first come, first served: no overtaking waiters
+            route = self._pick(request, prompt, exclude)
+            if route is not None:
+                return route
+        else:
+            self.candidates(key, exclude)  # a 503 for a draining fleet comes at once
         if self.queued >= self.routing.queue_limit:
             raise NoNode(503, "all nodes for this model are at capacity", retry_after=1)
+        future: asyncio.Future[Route] = asyncio.get_running_loop().create_future()
+        waiter = _Waiter(request, prompt, exclude, future)
+        queue = self._queue.setdefault(key, deque())
+        queue.append(waiter)
         self.queued += 1
         try:
             async with asyncio.timeout(self.routing.queue_timeout):
-                while node is None:
-                    freed = self._freed
-                    await freed.wait()
-                    node = self._pick(key, exclude)
+                self._dispatch(key)
+                while not future.done():
+                    await asyncio.wait((future,), timeout=_REPOLL)
+                    if not future.done():
+                        self._dispatch(key)
         except TimeoutError:
-            raise NoNode(503, "timed out waiting for a node with capacity", retry_after=1) from None
+            if not future.done():
+                raise NoNode(
+                    503, "timed out waiting for a node with capacity", retry_after=1
+                ) from None
+        except BaseException:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self.release(future.result())  # a slot handed over just as the client left
+            raise
         finally:
             self.queued -= 1
-        return node
+            if not future.done():
+                future.cancel()
+            if waiter in queue:
+                queue.remove(waiter)
+            if not queue and self._queue.get(key) is queue:
+                del self._queue[key]
+        return future.result()
 
-    def release(self, node: Node) -> None:
+    def release(self, route: Route) -> None:
+        if route.released:
+            return
+        route.released = True
+        node, key = route.node, route.key
         node.in_flight -= 1
+        left = node.busy.get(key, 0) - 1
+        if left > 0:
+            node.busy[key] = left
+        else:
+            node.busy.pop(key, None)
         if self.queued:
-            self._wake()
+            self._dispatch(key)
 
-    def _wake(self) -> None:
-        # Wake every waiter; each re-checks its own candidates. Only used while the cap
-        # is reached, so the herd is bounded by queue_limit.
-        self._freed.set()
-        self._freed = asyncio.Event()
+    def complete(self, route: Route, sample: Sample | None) -> None:
+        """An attempt answered in full: learn from it, remember where its prompt now is."""
+        node, key = route.node, route.key
+        self.fleet.mark_loaded(node, key)
+        if sample is not None:
+            held = Sample(
+                sample.load_ns,
+                sample.prompt_count,
+                sample.prompt_ns,
+                sample.eval_count,
+                sample.eval_ns,
+                held_seconds=self.clock() - route.started,
+            )
+            self.rates.learn(
+                node.name, key, held, expected_cold=route.expected_cold, cached=route.cached_tokens
+            )
+        if route.prompt.hashes:
+            self.index.record(node.name, key, route.prompt.hashes, self.slots(node))
+        if route.session:
+            self.sessions[route.session] = node.name
+            self.sessions.move_to_end(route.session)
+            if len(self.sessions) > _MAX_SESSIONS:
+                self.sessions.popitem(last=False)
+
+    def _dispatch(self, first: str | None = None) -> None:
+        """Hand free slots to waiters, oldest first per model; ``first``'s model first."""
+        keys = list(self._queue)
+        if first in self._queue:
+            keys.remove(first)
+            keys.insert(0, first)
+        for key in keys:
+            queue = self._queue.get(key)
+            while queue:
+                waiter = queue[0]
+                if waiter.future.done():
+                    queue.popleft()
+                    continue
+                try:
+                    route = self._pick(waiter.request, waiter.prompt, waiter.exclude)
+                except NoNode as exc:
+                    queue.popleft()
+                    waiter.future.set_exception(exc)
+                    continue
+                if route is None:
+                    break
+                queue.popleft()
+                waiter.future.set_result(route)
+
+    def describe(self, node: Node) -> dict[str, Any]:
+        """Routing's view of ``node`` for ``/admin/nodes``."""
+        return {
+            "slots": self.slots(node),
+            "slots_in_use": dict(sorted(node.busy.items())),
+            "learned": self.rates.describe(node.name),
+            "conversations": self.index.conversations(node.name),
+        }

@@ -9,6 +9,8 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from daemon.gateway.rates import Sample
+
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -24,6 +26,7 @@ HOP_BY_HOP = frozenset(
         "authorization",
         "cookie",
         "x-olmd-node",
+        "x-olmd-route",
     }
 )
 # Request headers not copied: hop-by-hop, credentials, and the one olmd rewrites.
@@ -43,11 +46,15 @@ def openai_error(status: int, message: str, **headers: str) -> web.Response:
     return web.json_response(body, status=status, headers=headers)
 
 
-def response_headers(upstream: aiohttp.ClientResponse, node: str) -> CIMultiDict[str]:
+def response_headers(
+    upstream: aiohttp.ClientResponse, node: str, route: str | None = None
+) -> CIMultiDict[str]:
     headers: CIMultiDict[str] = CIMultiDict(
         (k, v) for k, v in upstream.headers.items() if k.lower() not in SKIP_RESPONSE
     )
     headers["X-Olmd-Node"] = node
+    if route is not None:
+        headers["X-Olmd-Route"] = route
     return headers
 
 
@@ -123,3 +130,18 @@ def usage_from_tail(tail: bytes) -> tuple[int, int, int] | None:
     if completion is not None:
         return _count_after(tail, b'"prompt_tokens":') or 0, completion, 0
     return None
+
+
+def timings_from_tail(tail: bytes) -> Sample | None:
+    """Ollama's timings from a response's final chunk, found as ``usage_from_tail`` finds
+    the counts. None for answers without them (the OpenAI-compatible routes)."""
+    generated = _count_after(tail, b'"eval_count":')
+    if generated is None:
+        return None
+    return Sample(
+        load_ns=_count_after(tail, b'"load_duration":') or 0,
+        prompt_count=_count_after(tail, b'"prompt_eval_count":') or 0,
+        prompt_ns=_count_after(tail, b'"prompt_eval_duration":') or 0,
+        eval_count=generated,
+        eval_ns=_count_after(tail, b'"eval_duration":') or 0,
+    )

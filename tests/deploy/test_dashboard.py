@@ -313,7 +313,7 @@ async def _traffic(http: aiohttp.ClientSession, server: Any, a: Emulator) -> Non
 
 
 async def test_every_dashboard_metric_is_exported(nodes, tmp_path: Path) -> None:
-    data = settings_dict(nodes, prefer_loaded=False)
+    data = settings_dict(nodes)
     data["services"]["ollama"]["baseline_models"] = [MODEL, "qwen3:0.6b"]
     data["jobs"]["ollama_sync"]["manifest_path"] = str(tmp_path / "manifest.json")
     async with running_olmd(data) as server, aiohttp.ClientSession() as http:

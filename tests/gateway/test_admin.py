@@ -108,7 +108,7 @@ async def test_an_ejected_node_shows_its_cooldown(nodes, tmp_path: Path, monkeyp
     a, b = nodes[0][2], nodes[1][2]
     b.state.update({"models": ["llama3.1:8b"]})
     a.state.update({"fault": "http500"})
-    data = settings_dict(nodes, failures_to_eject=1, cooldown=30, prefer_loaded=False)
+    data = settings_dict(nodes, failures_to_eject=1, cooldown=30)
     settings = load_settings(write_settings(tmp_path / "s.toml", data))
     async with running_olmd(settings) as server, aiohttp.ClientSession() as http:
         body = {"model": "llama3.1:8b", "prompt": "x", "stream": False}

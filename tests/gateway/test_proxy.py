@@ -15,7 +15,7 @@ from tests.helpers import fetch, running_olmd, settings_dict
 
 
 async def test_weights_split_exactly_and_skip_nodes_without_the_model(three) -> None:
-    async with running_olmd(settings_dict(three, prefer_loaded=False)) as server:
+    async with running_olmd(settings_dict(three)) as server:
         async with aiohttp.ClientSession() as http:
             seen: Counter[str] = Counter()
             for _ in range(400):
@@ -27,8 +27,8 @@ async def test_weights_split_exactly_and_skip_nodes_without_the_model(three) -> 
 
 
 async def test_concurrent_requests_keep_the_weights(three) -> None:
-    # Without the in-flight cap: with it, a full node's share goes to the others.
-    data = settings_dict(three, prefer_loaded=False, max_in_flight_per_node=0)
+    # With slots for all of them: a node with no free slot has its share go to the others.
+    data = settings_dict(three, parallel=256)
     async with running_olmd(data) as server, aiohttp.ClientSession() as http:
         results = await asyncio.gather(
             *(post(http, server, "/api/chat", {**GENERATE, "messages": []}) for _ in range(200))
@@ -139,7 +139,7 @@ async def test_request_body_over_the_limit_is_413_and_not_forwarded(three) -> No
 
 
 async def test_metrics_count_requests_tokens_and_node_state(three) -> None:
-    async with running_olmd(settings_dict(three, prefer_loaded=False)) as server:
+    async with running_olmd(settings_dict(three)) as server:
         async with aiohttp.ClientSession() as http:
             for _ in range(4):
                 await post(http, server, "/api/generate", GENERATE)

@@ -18,7 +18,7 @@ from tests.helpers import eventually, fetch, running_olmd, settings_dict
 
 async def test_drain_stops_new_requests_but_lets_a_stream_finish(three) -> None:
     three[0][2].state.update({"tokens": 10, "token_delay": 0.05})
-    async with running_olmd(settings_dict(three, prefer_loaded=False)) as server:
+    async with running_olmd(settings_dict(three)) as server:
         gateway = server.app[GATEWAY]
         async with (
             aiohttp.ClientSession() as http,
@@ -35,7 +35,7 @@ async def test_drain_stops_new_requests_but_lets_a_stream_finish(three) -> None:
 
 async def test_failover_before_the_first_byte(three) -> None:
     a, b = three[0][2], three[1][2]
-    async with running_olmd(settings_dict(three, prefer_loaded=False)) as server:
+    async with running_olmd(settings_dict(three)) as server:
         async with aiohttp.ClientSession() as http:
             for fault in ("http500", "http503", "refuse", "stall"):
                 a.state.update({"fault": fault, "fault_count": 1})
@@ -94,7 +94,7 @@ async def test_in_flight_cap_queues_then_503_with_retry_after(three) -> None:
 
 async def test_stream_cut_by_the_node_ends_with_one_error_line(three) -> None:
     three[0][2].state.update({"fault": "cut", "fault_after": 3, "tokens": 8})
-    async with running_olmd(settings_dict(three, prefer_loaded=False)) as server:
+    async with running_olmd(settings_dict(three)) as server:
         async with aiohttp.ClientSession() as http:
             async with http.post(
                 url(server, "/api/generate"), json={"model": MODEL, "prompt": "x"}
@@ -108,7 +108,7 @@ async def test_stream_cut_by_the_node_ends_with_one_error_line(three) -> None:
 
 async def test_sse_stream_cut_ends_with_an_sse_error(three) -> None:
     three[0][2].state.update({"fault": "cut", "fault_after": 2, "tokens": 8})
-    async with running_olmd(settings_dict(three, prefer_loaded=False)) as server:
+    async with running_olmd(settings_dict(three)) as server:
         async with aiohttp.ClientSession() as http:
             body = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "x"}]}
             async with http.post(url(server, "/v1/chat/completions"), json=body) as s:
@@ -121,7 +121,7 @@ async def test_sse_stream_cut_ends_with_an_sse_error(three) -> None:
 async def test_client_disconnect_cancels_the_node_request_within_a_second(three) -> None:
     a = three[0][2]
     a.state.update({"tokens": 200, "token_delay": 0.05})
-    async with running_olmd(settings_dict(three, prefer_loaded=False)) as server:
+    async with running_olmd(settings_dict(three)) as server:
         async with aiohttp.ClientSession() as http:
             response = await http.post(
                 url(server, "/api/generate"), json={"model": MODEL, "prompt": "x"}
@@ -137,7 +137,7 @@ async def test_client_disconnect_cancels_the_node_request_within_a_second(three)
 async def test_client_disconnect_during_a_cold_load_cancels_too(three) -> None:
     a = three[0][2]
     a.state.update({"load_delay": 5})
-    async with running_olmd(settings_dict(three, prefer_loaded=False)) as server:
+    async with running_olmd(settings_dict(three)) as server:
         async with aiohttp.ClientSession() as http:
             task = asyncio.create_task(http.post(url(server, "/api/generate"), json=GENERATE))
             await eventually(
@@ -155,7 +155,7 @@ async def test_client_disconnect_during_a_cold_load_cancels_too(three) -> None:
 async def test_killed_node_fails_over_and_comes_back_within_a_probe_interval(three) -> None:
     a = three[0][2]
     a.state.update({"tokens": 50, "token_delay": 0.02})
-    data = settings_dict(three, prefer_loaded=False, probe_interval=0.5)
+    data = settings_dict(three, probe_interval=0.5)
     async with running_olmd(data) as server, aiohttp.ClientSession() as http:
         gateway = server.app[GATEWAY]
         async with http.post(
@@ -191,7 +191,7 @@ async def test_reload_changes_weights_without_dropping_a_stream(three) -> None:
     from daemon.settings import Settings
 
     three[1][2].state.update({"tokens": 20, "token_delay": 0.05})
-    data = settings_dict(three, prefer_loaded=False)
+    data = settings_dict(three)
     async with running_olmd(data) as server, aiohttp.ClientSession() as http:
         runtime = server.app[RUNTIME]
         for _ in range(2):  # weights 3:1 give a, a, b, a
