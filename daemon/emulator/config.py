@@ -38,12 +38,33 @@ class EmulatorConfig(BaseModel):
     models: list[str] = Field(default_factory=lambda: ["llama3.1:8b"])
     digests: dict[str, str] = Field(default_factory=dict, description="name → 64 hex digits")
     tokens: int = Field(8, ge=0, description="tokens per answer")
-    token_delay: float = Field(0.0, ge=0, description="seconds between tokens")
+    token_delay: float = Field(
+        0.0, ge=0, description="seconds between tokens: one slot's time to generate a token"
+    )
     load_delay: float = Field(0.0, ge=0, description="cold load before an unloaded model answers")
+    num_parallel: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="slots per loaded model (OLLAMA_NUM_PARALLEL), each with a KV cache of "
+        "the last conversation it served; beyond them requests wait, up to `queue`; "
+        "0 = no slot model: no limit per model, no cache",
+    )
+    prompt_rate: float = Field(
+        0.0, ge=0, description="prompt tokens a slot evaluates per second, 0 = instant"
+    )
+    max_loaded: int = Field(
+        0,
+        ge=0,
+        description="models in memory at once (OLLAMA_MAX_LOADED_MODELS); loading one more "
+        "evicts the least recently used idle one; 0 = unlimited",
+    )
     pull_size: int = Field(1_000_000, ge=1, description="bytes a pull transfers")
     pull_speed: float = Field(0.0, ge=0, description="pull bytes per second, 0 = unlimited")
     concurrency: int = Field(0, ge=0, description="requests generating at once, 0 = unlimited")
-    queue: int = Field(512, ge=0, description="requests waiting beyond that before a 503")
+    queue: int = Field(
+        512, ge=0, description="requests waiting beyond that (or for a slot) before a 503"
+    )
     embedding_dim: int = Field(8, ge=1, le=8192)
     unavailable: list[str] = Field(default_factory=list, description="names a pull cannot find")
     fault: FaultKind = "none"
@@ -92,7 +113,14 @@ def describe(exc: ValidationError) -> str:
 
 @dataclasses.dataclass
 class Stats:
-    """What the emulator saw; ``in_flight`` counts requests past the concurrency gate."""
+    """What the emulator saw; ``in_flight`` counts requests past the concurrency gate.
+
+    ``cold_loads`` and ``evictions`` count models loaded and evicted for room (expiry is
+    not eviction); ``prompt_tokens_evaluated`` and ``prompt_tokens_cached`` split the
+    prompts of generations into tokens evaluated and tokens found in a slot's cache;
+    ``slots_in_use`` (a gauge) and ``max_slots_in_use`` count, per model, generations
+    running on it (holding a slot, when num_parallel > 0).
+    """
 
     requests: dict[str, int] = dataclasses.field(default_factory=dict)
     in_flight: int = 0
@@ -104,6 +132,12 @@ class Stats:
     completed: int = 0
     rejected: int = 0
     faults: int = 0
+    cold_loads: int = 0
+    evictions: int = 0
+    prompt_tokens_evaluated: int = 0
+    prompt_tokens_cached: int = 0
+    slots_in_use: dict[str, int] = dataclasses.field(default_factory=dict)
+    max_slots_in_use: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def snapshot(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -116,6 +150,8 @@ class Stats:
             queued=self.queued,
             pulls_in_flight=self.pulls_in_flight,
             max_pulls_in_flight=self.pulls_in_flight,
+            slots_in_use=dict(self.slots_in_use),
+            max_slots_in_use=dict(self.slots_in_use),
         )
         self.__dict__.update(fresh.__dict__)
 

@@ -19,6 +19,8 @@ import re
 import time
 from typing import Any, Literal
 
+from daemon.emulator import tokens as tok
+
 ERR_MAX_QUEUE = "server busy, please try again.  maximum pending requests exceeded"
 ERR_MODEL_REQUIRED = "model is required"
 ERR_MISSING_BODY = "missing request body"
@@ -98,6 +100,7 @@ class Job:
     include_usage: bool = False
     rid: str = ""
     created: int = 0
+    tokens: list[int] = dataclasses.field(default_factory=list)  # the prompt, tokenized
 
     @property
     def openai(self) -> bool:
@@ -138,6 +141,11 @@ def parse_job(kind: JobKind, body: dict[str, Any]) -> Job:
         raise Reject(400, f"json: cannot unmarshal {found} into Go value of type string")
     if kind in ("chat", "v1chat"):
         prompt = chat_text(body.get("messages"))
+        tokens = tok.chat(body.get("messages"))
+    elif kind == "generate":
+        tokens = tok.generate(prompt, body.get("system"), body.get("context"))
+    else:
+        tokens = tok.generate(prompt)
     if kind in ("v1chat", "v1completion"):
         limit = body.get("max_tokens", body.get("max_completion_tokens"))
         options = body.get("stream_options")
@@ -151,6 +159,7 @@ def parse_job(kind: JobKind, body: dict[str, Any]) -> Job:
             include_usage=isinstance(options, dict) and options.get("include_usage") is True,
             rid=f"{prefix}-{random.randrange(999)}",
             created=int(time.time()),
+            tokens=tokens,
         )
     options = body.get("options")
     limit = options.get("num_predict") if isinstance(options, dict) else None
@@ -163,6 +172,7 @@ def parse_job(kind: JobKind, body: dict[str, Any]) -> Job:
         keep_alive=keep_alive_seconds(body.get("keep_alive")),
         raw=body.get("raw") is True,
         load_only=not (prompt if kind == "generate" else body.get("messages")),
+        tokens=tokens,
     )
 
 
@@ -252,16 +262,17 @@ def chunk(job: Job, token: str) -> bytes:
     return sse(_openai_body(job, token, None, None))
 
 
-def final(job: Job, text: str, reason: str, stats: dict[str, int]) -> dict[str, Any]:
-    """The whole answer when not streamed; with ``text=""`` the closing chunk of a stream."""
+def final(
+    job: Job, text: str, reason: str, stats: dict[str, int], reply: str | None = None
+) -> dict[str, Any]:
+    """The whole answer when not streamed; with ``text=""`` the closing chunk of a stream,
+    ``reply`` then the text streamed (a generate's ``context`` is prompt + reply tokens)."""
     now = rfc3339()
     if job.kind == "generate":
         body: dict[str, Any] = {"model": job.model, "created_at": now, "response": text}
         body.update(done=True, done_reason=reason)
         if not job.raw:
-            count = stats.get("prompt_eval_count", 0) + stats.get("eval_count", 0)
-            seed = int.from_bytes(hashlib.sha256(job.prompt.encode()).digest()[:2], "big")
-            body["context"] = [(seed + 7 * i) % 128_000 for i in range(count)]
+            body["context"] = job.tokens + tok.reply(text if reply is None else reply)
         return body | stats
     if job.kind == "chat":
         message = {"role": "assistant", "content": text}
@@ -271,9 +282,9 @@ def final(job: Job, text: str, reason: str, stats: dict[str, int]) -> dict[str, 
     return _openai_body(job, text, reason, None if job.stream else usage)
 
 
-def closing(job: Job, reason: str, stats: dict[str, int]) -> bytes:
+def closing(job: Job, reason: str, stats: dict[str, int], reply: str) -> bytes:
     """The bytes that end a streamed answer: final chunk, usage if asked, ``[DONE]``."""
-    last = final(job, "", reason, stats)
+    last = final(job, "", reason, stats, reply)
     if not job.openai:
         return ndjson(last)
     tail = sse({**last, "choices": [], "usage": _usage(stats)}) if job.include_usage else b""

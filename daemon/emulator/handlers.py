@@ -1,8 +1,9 @@
 """The emulator's request handlers, one per Ollama, OpenAI or ``/_emulator`` route.
 
-Generation (generate, chat and their OpenAI forms), embeddings, the model list and
-details, delete, pull with its resumable progress, and the control endpoints that read and
-change the config and the stats. :func:`add_routes` puts them on an application.
+Embeddings, the model list and details, delete, pull with its resumable progress, and the
+control endpoints that read and change the config and the stats; generation (generate,
+chat and their OpenAI forms) is ``daemon.emulator.generation``'s. :func:`add_routes` puts
+them all on an application.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
-from daemon.emulator import bodies
+from daemon.emulator import bodies, generation
 from daemon.emulator import formats as fmt
 from daemon.emulator.config import describe, normalize, valid_name
-from daemon.emulator.formats import Job, JobKind, Reject
+from daemon.emulator.formats import Reject
 from daemon.emulator.responses import (
     Handler,
     Sink,
@@ -32,95 +33,6 @@ from daemon.emulator.state import STATE_KEY, EmulatorState, hold
 
 _PULL_TICK = 0.06  # Ollama reports pull progress every 60 ms
 Emit = Callable[[dict[str, Any], bool], Awaitable[None]]
-
-
-# ---------------------------------------------------------------- generation
-
-
-async def _generation(request: web.Request, kind: JobKind) -> web.StreamResponse:
-    state = request.app[STATE_KEY]
-    job = fmt.parse_job(kind, await read_body(request))
-    name = state.find(job.model)
-    if name is None:
-        raise Reject(404, f"model '{job.model}' not found")
-    if bodies.is_embedding(name):
-        raise Reject(400, f'"{job.model}" does not support {job.verb}')
-    if job.load_only:
-        return await _load_only(request, state, job, name)
-    return await _run(request, state, job, name)
-
-
-async def _run(
-    request: web.Request, state: EmulatorState, job: Job, name: str
-) -> web.StreamResponse:
-    # Like Ollama, load_duration runs from the request's start, so it includes queueing.
-    cfg = state.config
-    start = time.perf_counter_ns()
-    await state.admit(request)
-    try:
-        await state.ensure_loaded(request, name, job.keep_alive)
-        loaded = first = time.perf_counter_ns()
-        count = cfg.tokens if job.limit is None or job.limit < 0 else min(cfg.tokens, job.limit)
-        tokens = fmt.answer(job.prompt, count)
-        sink = None
-        if job.stream:
-            kind = "text/event-stream" if job.openai else "application/x-ndjson"
-            sink = Sink(request, kind, error=fmt.ERR_RUNNER_GONE, openai=job.openai)
-        for i, token in enumerate(tokens):
-            if i and cfg.token_delay:
-                await hold(request, cfg.token_delay)
-            elif not i:
-                first = time.perf_counter_ns()
-            if sink is not None:
-                await sink.send(fmt.chunk(job, token))
-        end = time.perf_counter_ns()
-        reason = "length" if count < cfg.tokens else "stop"
-        stats = fmt.metrics(
-            total=end - start,
-            load=loaded - start,
-            prompt_count=fmt.prompt_tokens(job.prompt),
-            prompt_ns=max(1, first - loaded),
-            eval_count=count,
-            eval_ns=max(1, end - first) if count else 0,
-        )
-        if sink is None:
-            body = fmt.final(job, "".join(tokens), reason, stats)
-            return await single(request, body, openai=job.openai)
-        await sink.send(fmt.closing(job, reason, stats), last=True)
-        state.stats.completed += 1
-        return sink.response
-    finally:
-        state.release()
-
-
-async def _load_only(
-    request: web.Request, state: EmulatorState, job: Job, name: str
-) -> web.StreamResponse:
-    if job.keep_alive == 0:
-        state.loaded.pop(name, None)
-        return json_response(fmt.load_reply(job, "unload"))
-    await state.admit(request)
-    try:
-        await state.ensure_loaded(request, name, job.keep_alive)
-    finally:
-        state.release()
-    return json_response(fmt.load_reply(job, "load"))
-
-
-async def _generate(request: web.Request) -> web.StreamResponse:
-    return await _generation(request, "generate")
-
-
-async def _chat(request: web.Request) -> web.StreamResponse:
-    return await _generation(request, "chat")
-
-
-async def _v1_chat(request: web.Request) -> web.StreamResponse:
-    return await _generation(request, "v1chat")
-
-
-async def _v1_completions(request: web.Request) -> web.StreamResponse:
-    return await _generation(request, "v1completion")
 
 
 # ---------------------------------------------------------------- embeddings
@@ -137,9 +49,12 @@ async def _vectors(
     start = time.perf_counter_ns()
     await state.admit(request)
     try:
-        await state.ensure_loaded(request, name, fmt.KEEP_ALIVE_DEFAULT)
-        loaded = time.perf_counter_ns()
-        vectors = [fmt.embedding(text, state.config.embedding_dim) for text in texts]
+        lease, _ = await state.acquire(request, name, None, fmt.KEEP_ALIVE_DEFAULT)
+        try:
+            loaded = time.perf_counter_ns()
+            vectors = [fmt.embedding(text, state.config.embedding_dim) for text in texts]
+        finally:
+            state.finish(lease, None, fmt.KEEP_ALIVE_DEFAULT)
     finally:
         state.release()
     count = sum(fmt.prompt_tokens(text) for text in texts)
@@ -203,11 +118,9 @@ async def _tags(request: web.Request) -> web.StreamResponse:
 
 async def _ps(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE_KEY]
-    live = [m for m in list(state.loaded) if state.is_loaded(m) and state.find(m)]
-    live.sort(key=lambda m: state.loaded[m], reverse=True)
-    return json_response(
-        {"models": [bodies.ps_entry(m, state.digest(m), state.loaded[m]) for m in live]}
-    )
+    loaded = state.loaded
+    live = sorted((m for m in loaded if state.find(m)), key=lambda m: loaded[m], reverse=True)
+    return json_response({"models": [bodies.ps_entry(m, state.digest(m), loaded[m]) for m in live]})
 
 
 async def _show(request: web.Request) -> web.StreamResponse:
@@ -364,14 +277,14 @@ def add_routes(app: web.Application) -> None:
         "/_emulator/stats": _get_stats,
     }
     posts: dict[str, Handler] = {
-        "/api/generate": _generate,
-        "/api/chat": _chat,
+        "/api/generate": generation.generate,
+        "/api/chat": generation.chat,
         "/api/embed": _embed,
         "/api/embeddings": _embeddings,
         "/api/pull": _pull,
         "/api/show": _show,
-        "/v1/chat/completions": _v1_chat,
-        "/v1/completions": _v1_completions,
+        "/v1/chat/completions": generation.v1_chat,
+        "/v1/completions": generation.v1_completions,
         "/v1/embeddings": _v1_embeddings,
         "/_emulator/config": _post_config,
         "/_emulator/reset": _reset,

@@ -14,10 +14,10 @@ it with ``handler_cancellation=True`` (as :class:`Emulator` does) to see a depar
 client at once; without, the emulator notices at its next write or within 50 ms of a wait.
 
 This module holds the application, the server and ``olmd emulate``; the rest lives in
-``emulator_config`` (EmulatorConfig, Stats), ``emulator_state`` (the live node and its
-concurrency gate), ``emulator_responses`` (answers, faults, the middleware),
-``emulator_handlers`` (the routes), ``emulator_formats`` (requests and generated answers)
-and ``emulator_bodies`` (bodies that describe models).
+``config`` (EmulatorConfig, Stats), ``state`` (the live node and its gates), ``slots``
+(models in memory, slots and their KV caches), ``tokens`` (the tokenizer), ``responses``
+(answers, faults, the middleware), ``generation`` and ``handlers`` (the routes),
+``formats`` (requests and generated answers) and ``bodies`` (bodies that describe models).
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ class Emulator:
             return
         self.state.stopping = True
         await runner.cleanup()
-        self.state.loaded.clear()
+        self.state.models.clear()
 
     async def __aenter__(self) -> Emulator:
         await self.start()
@@ -133,6 +133,14 @@ _FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--tokens", "tokens", int, "tokens per answer"),
     ("--token-delay", "token_delay", float, "seconds between tokens"),
     ("--load-delay", "load_delay", float, "seconds a model not in memory takes to load"),
+    ("--num-parallel", "num_parallel", int, "slots per loaded model, 0 = no slot model"),
+    (
+        "--prompt-rate",
+        "prompt_rate",
+        float,
+        "prompt tokens a slot evaluates per second, 0 = instant",
+    ),
+    ("--max-loaded", "max_loaded", int, "models in memory at once, 0 = unlimited"),
     ("--pull-size", "pull_size", int, "bytes one pull transfers"),
     ("--pull-speed", "pull_speed", float, "pull bytes per second, 0 = unlimited"),
     ("--concurrency", "concurrency", int, "requests generating at once, 0 = unlimited"),

@@ -1,15 +1,19 @@
-"""The emulated node's live state: models, loads, pull progress and the concurrency gate.
+"""The emulated node's live state: models, loads, pull progress and the request gates.
 
 :class:`EmulatorState` is what one emulator knows while it runs: its config and stats,
-the models on disk and in memory, the bytes each unfinished pull has, and the gate that
-admits, queues or rejects requests (Ollama's ``OLLAMA_NUM_PARALLEL`` and
-``OLLAMA_MAX_QUEUE``). The application keeps it at ``app[STATE_KEY]``. :func:`hold` is
-the wait every handler uses, so a client that leaves is noticed (:class:`ClientGone`).
+the models on disk, the bytes each unfinished pull has, the concurrency gate that admits,
+queues or rejects requests (``concurrency`` and ``queue``), and the models in memory with
+their slots (a :class:`~daemon.emulator.slots.SlotTable`: Ollama's ``OLLAMA_NUM_PARALLEL``,
+``OLLAMA_MAX_LOADED_MODELS`` and keep-alive). :meth:`EmulatorState.acquire` waits, in
+arrival order, for a model and a slot, doing the cold load when it falls to its request.
+The application keeps the state at ``app[STATE_KEY]``. :func:`hold` is the wait every
+handler uses, so a client that leaves is noticed (:class:`ClientGone`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import deque
 from typing import Any
@@ -20,6 +24,7 @@ from daemon.emulator import formats as fmt
 from daemon.emulator.bodies import default_digest
 from daemon.emulator.config import EmulatorConfig, Stats, normalize
 from daemon.emulator.formats import Reject
+from daemon.emulator.slots import Lease, Load, SlotTable, Wait, WaitReason
 
 _POLL = 0.05  # how often a waiting handler checks that its client is still there
 
@@ -34,7 +39,7 @@ def _gone(request: web.BaseRequest) -> bool:
 
 
 async def hold(
-    request: web.BaseRequest, seconds: float | None, until: asyncio.Future[None] | None = None
+    request: web.BaseRequest, seconds: float | None, until: asyncio.Future[Any] | None = None
 ) -> None:
     """Wait ``seconds`` (None: for ever) or until ``until`` is done; ClientGone if the
     client leaves first. Only called for non-zero delays, so it costs the hot path nothing."""
@@ -52,6 +57,23 @@ async def hold(
             raise ClientGone
 
 
+@dataclasses.dataclass(eq=False, slots=True)
+class _Waiter:
+    """A request waiting for a model (and a slot); ``turn`` resolves to what it got."""
+
+    name: str
+    prompt: list[int] | None
+    turn: asyncio.Future[Lease | Load]
+    since: int  # perf_counter_ns when ``reason`` was last set
+    reason: WaitReason | None = None
+    load_ns: int = 0  # time spent waiting while the model was not in memory
+
+    def mark(self, reason: WaitReason | None, now: int) -> None:
+        if self.reason in ("loading", "room"):
+            self.load_ns += now - self.since
+        self.reason, self.since = reason, now
+
+
 class EmulatorState:
     """The live node: config, models on disk and in memory, pull progress, request gate."""
 
@@ -61,15 +83,17 @@ class EmulatorState:
         self.stopping = False  # set by Emulator.stop: requests it cuts are not cancellations
         self._started = time.time_ns()
         self.modified: dict[str, int] = {}  # name → ns since the epoch
-        self.loaded: dict[str, int] = {}  # name → expiry, ns since the epoch
         self.pull_progress: dict[str, int] = {}  # bytes already downloaded, kept for resume
-        self._loading: dict[str, asyncio.Future[None]] = {}
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self.models = SlotTable(num_parallel=config.num_parallel, max_loaded=config.max_loaded)
+        self._waiters: deque[asyncio.Future[None]] = deque()  # at the concurrency gate
+        self._queue: list[_Waiter] = []  # for a model or a slot, in arrival order
 
     def update(self, patch: dict[str, Any]) -> None:
         """Apply a partial config; on ValidationError the old config stays."""
-        self.config = EmulatorConfig.model_validate({**self.config.model_dump(), **patch})
+        self.config = cfg = EmulatorConfig.model_validate({**self.config.model_dump(), **patch})
+        self.models.configure(num_parallel=cfg.num_parallel, max_loaded=cfg.max_loaded)
         self._wake()
+        self._dispatch()
 
     def find(self, name: str) -> str | None:
         wanted = normalize(name).lower()
@@ -94,7 +118,7 @@ class EmulatorState:
     def remove_model(self, name: str) -> None:
         models = [m for m in self.config.models if m != name]
         self.config = self.config.model_copy(update={"models": models})
-        self.loaded.pop(name, None)
+        self.models.unload(name)
         self.modified.pop(name, None)
 
     def take_fault(self, route: str) -> tuple[str, int]:
@@ -109,30 +133,116 @@ class EmulatorState:
         self.stats.faults += 1
         return (cfg.fault, cfg.fault_after)
 
-    def is_loaded(self, name: str) -> bool:
-        expiry = self.loaded.get(name)
-        if expiry is not None and expiry < time.time_ns():
-            del self.loaded[name]
-            return False
-        return expiry is not None
+    # ------------------------------------------------------------ models in memory
 
-    async def ensure_loaded(self, request: web.Request, name: str, keep_alive: float) -> None:
-        """Load ``name`` if needed; concurrent requests share one cold load."""
-        while not self.is_loaded(name):  # loops again only if the loading request left
-            pending = self._loading.get(name)
-            if pending is not None:
-                await hold(request, None, pending)
-                continue
-            pending = asyncio.get_running_loop().create_future()
-            self._loading[name] = pending
+    @property
+    def loaded(self) -> dict[str, int]:
+        """name → expiry (ns since the epoch) of each model in memory."""
+        return self.models.expiries()
+
+    def is_loaded(self, name: str) -> bool:
+        return self.models.resident(name) is not None
+
+    async def acquire(
+        self, request: web.Request, name: str, prompt: list[int] | None, keep_alive: float
+    ) -> tuple[Lease, int]:
+        """Start a request on ``name``: a slot for ``prompt`` (None: no slot, as for an
+        embedding), loading the model first if that falls to this request (``keep_alive``
+        is then the expiry /api/ps shows until a request finishes). Waits in arrival
+        order; with num_parallel > 0, beyond ``queue`` waiting it is Ollama's 503.
+        Returns the lease, for :meth:`finish`, and the ns spent waiting for or doing a
+        cold load (waiting for a slot of a loaded model is not loading)."""
+        grant, load_ns = await self._turn(request, name, prompt)
+        if isinstance(grant, Lease):
+            lease = grant
+        else:
+            began = time.perf_counter_ns()
+            self.stats.evictions += len(grant.evicted)
             try:
                 if self.config.load_delay:
                     await hold(request, self.config.load_delay)
-                self.loaded[name] = time.time_ns() + int(keep_alive * 1e9)
+            except BaseException:
+                self.models.abort_load(name)
+                self._dispatch()  # another request for the model loads it
+                raise
+            lease = self.models.loaded(name, prompt, int(keep_alive * 1e9))
+            self.stats.cold_loads += 1
+            load_ns += time.perf_counter_ns() - began
+            self._dispatch()  # those that waited for this load
+        if lease.generating:
+            self._in_use(name, 1)
+        return lease, load_ns
+
+    def finish(self, lease: Lease, holds: list[int] | None, keep_alive: float | None) -> None:
+        """Give back what :meth:`acquire` gave: the slot now caches ``holds`` (None: as
+        before); the model stays ``keep_alive`` seconds from now (None: as before)."""
+        keep_ns = None if keep_alive is None else int(keep_alive * 1e9)
+        self.models.finish(lease, holds, keep_ns)
+        if lease.generating:
+            self._in_use(lease.model.name, -1)
+        self._dispatch()
+
+    def unload(self, name: str) -> None:
+        self.models.unload(name)
+
+    async def _turn(
+        self, request: web.Request, name: str, prompt: list[int] | None
+    ) -> tuple[Lease | Load, int]:
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(name, prompt, loop.create_future(), time.perf_counter_ns())
+        self._queue.append(waiter)
+        self._dispatch()
+        if not waiter.turn.done():
+            # Only the slot model bounds this queue: waiting for another request's cold
+            # load was always free, and stays so when num_parallel is 0.
+            bounded = self.config.num_parallel > 0
+            if bounded and len(self._queue) > self.config.queue:
+                self._queue.remove(waiter)
+                self.stats.rejected += 1
+                raise Reject(503, fmt.ERR_MAX_QUEUE)
+            self.stats.queued += bounded
+            try:
+                await hold(request, None, waiter.turn)
+            except BaseException:
+                if waiter.turn.done():  # granted just as this request left
+                    self._give_back(waiter.turn.result())
+                else:
+                    self._queue.remove(waiter)
+                raise
             finally:
-                del self._loading[name]
-                pending.set_result(None)
-        self.loaded[name] = time.time_ns() + int(keep_alive * 1e9)
+                self.stats.queued -= bounded
+        return waiter.turn.result(), waiter.load_ns
+
+    def _give_back(self, grant: Lease | Load) -> None:
+        if isinstance(grant, Load):
+            self.models.abort_load(grant.name)
+        else:
+            self.models.finish(grant)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Grant, in arrival order, every waiting request the table now lets run."""
+        now = time.perf_counter_ns()
+        for waiter in list(self._queue):
+            got = self.models.take(waiter.name, waiter.prompt)
+            if isinstance(got, Wait):
+                waiter.mark(got.reason, now)
+                continue
+            waiter.mark(None, now)
+            self._queue.remove(waiter)
+            waiter.turn.set_result(got)
+
+    def _in_use(self, name: str, delta: int) -> None:
+        stats = self.stats
+        count = stats.slots_in_use.get(name, 0) + delta
+        if count > 0:
+            stats.slots_in_use[name] = count
+        else:
+            stats.slots_in_use.pop(name, None)
+        if delta > 0:
+            stats.max_slots_in_use[name] = max(stats.max_slots_in_use.get(name, 0), count)
+
+    # ------------------------------------------------------------ the concurrency gate
 
     async def admit(self, request: web.Request) -> None:
         """Pass the concurrency gate, queueing if allowed, else Reject with Ollama's 503."""
