@@ -13,7 +13,7 @@ from typing import Any
 
 import tomli_w
 
-from daemon import __version__, logs
+from daemon import __version__, logs, registry
 from daemon.cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, run_async, settings_from
 from daemon.settings import SettingsError, load_settings
 
@@ -60,7 +60,7 @@ def _cmd_emulate(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from daemon.cli import demo
 
-    return run_async(demo.run(port=args.port))
+    return run_async(demo.run(port=args.port, strategy=args.strategy))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
         "and print commands to try. Ctrl-C stops everything.",
     )
     demo.add_argument("--port", type=int, default=11435, help="olmd's port (default 11435)")
+    demo.add_argument(
+        "--strategy",
+        default="adaptive",
+        choices=registry.names("balancers"),
+        help="routing strategy (default adaptive; weighted shows the 2:1 split strictly)",
+    )
     demo.set_defaults(func=_cmd_demo)
 
     for register in _plugins():
