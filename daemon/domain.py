@@ -178,6 +178,7 @@ class FailureKind(enum.Enum):
     """What went wrong with a request to a node, as far as the node's health goes."""
 
     CONNECT = "connect"
+    REFUSED = "refused"  # no connection at all: the node is not there; out at once
     TIMEOUT = "timeout"
     HTTP5XX = "http5xx"
     BUSY503 = "busy503"  # Ollama's "server busy": its queue is full, the node is fine
@@ -252,6 +253,7 @@ class NodeHealth:
       failures of requests that were already in flight when it was ejected do not count.
     - n decreases by one for every ``base_seconds`` the node then spends neither
       ejected nor down.
+    - A refused connection (nothing listens) ejects at once, whatever the count.
     - A good probe ends an ejection at once (``probe_unejects``), keeping n.
     - A 503 "server busy" takes the node out for ``busy_cooldown_seconds`` without
       counting as a failure; probes do not end it (a busy node answers probes fine).
@@ -318,6 +320,10 @@ class NodeHealth:
             # it would re-eject the node the moment it comes back.
             return
         self.consecutive_failures += 1
+        if kind is FailureKind.REFUSED:
+            # Nothing listens: further requests would only be refused too. A good probe
+            # brings the node back as soon as it listens again.
+            self.consecutive_failures = self.policy.failures_to_eject
         if self.consecutive_failures >= self.policy.failures_to_eject:
             self.consecutive_failures = 0
             self.ejections += 1

@@ -53,8 +53,7 @@ class NodeStats(Protocol):
 
 
 class FleetStats(Protocol):
-    @property
-    def panic(self) -> bool: ...
+    def panic_by_model(self, now: float) -> Mapping[str, bool]: ...
     def __iter__(self) -> Iterator[NodeStats]: ...
 
 
@@ -274,11 +273,14 @@ class _FleetCollector(Collector):
             "Requests waiting for a node under the in-flight cap",
             value=router.queued,
         )
-        yield GaugeMetricFamily(
+        panic = GaugeMetricFamily(
             "olmd_panic_routing",
-            "1 when too few nodes were healthy and the last request was routed across all",
-            value=1.0 if fleet.panic else 0.0,
+            "1 for a model too few of whose holders are routable: it is routed across all",
+            labels=["model"],
         )
+        for model, on in fleet.panic_by_model(now).items():
+            panic.add_metric([model], 1.0 if on else 0.0)
+        yield panic
 
 
 # --- model sync ---------------------------------------------------------------------

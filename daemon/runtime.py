@@ -61,22 +61,38 @@ class Runtime:
         return all(check() for check in self.liveness)
 
     async def apply(self, settings: Settings) -> list[str]:
-        """Swap in validated settings; each component adopts them without dropping requests.
+        """Swap in validated settings, in every component or in none.
 
-        A component that fails to adopt them is logged and named in the returned list; the
-        others still get them.
+        Each component adopts them without dropping requests. If one fails, the ones that
+        had adopted them go back to the running settings, and the failed ones are logged
+        and named in the returned list: the daemon goes on as it was.
         """
-        self.settings = settings
-        self._credentials(settings)
-        failed = []
+        old = self.settings
+        done: list[ReloadHook] = []
+        failed: list[str] = []
         for hook in self.on_reload:
             try:
                 await hook(settings)
             except Exception:
-                name = getattr(hook, "__qualname__", repr(hook))
-                log.exception("reload_hook_failed", hook=name)
-                failed.append(name)
+                log.exception("reload_hook_failed", hook=_name(hook))
+                failed.append(_name(hook))
+                break
+            done.append(hook)
+        if not failed:
+            self.settings = settings
+            self._credentials(settings)
+            return []
+        for hook in reversed(done):
+            try:
+                await hook(old)
+            except Exception:  # it took these settings before; say so if it now cannot
+                log.exception("reload_rollback_failed", hook=_name(hook))
+                failed.append(_name(hook))
         return failed
+
+
+def _name(hook: ReloadHook) -> str:
+    return getattr(hook, "__qualname__", repr(hook))
 
 
 RUNTIME = web.AppKey("runtime", Runtime)

@@ -61,6 +61,10 @@ class ServerSettings(Section):
     port: Port = 11435
     drain_timeout: Seconds = 30.0
     max_body_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+    # /readyz: "routable" answers 503 while no node answers (a load balancer in front then
+    # sends traffic to another gateway); "process" only says the daemon is up and not
+    # draining, as before.
+    readiness: Literal["routable", "process"] = "routable"
 
 
 class RoutingSettings(Section):
@@ -100,6 +104,9 @@ class RoutingSettings(Section):
     first_byte_timeout: Seconds = 300.0
     non_streaming_timeout: Seconds = 1800.0
     idle_timeout: Seconds = 120.0
+    # A client that reads nothing while one write waits this long is cut, and the node's
+    # request cancelled: a reader that went away without closing holds no GPU slot.
+    write_timeout: Seconds = 60.0
     total_timeout: float = Field(default=0, ge=0)  # 0: none
 
     @field_validator("strategy")

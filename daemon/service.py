@@ -55,7 +55,7 @@ async def reload(runtime: Runtime, loader: Loader, notifier: Notifier, lock: asy
             failed = await runtime.apply(new)
             runtime.metrics.reloads.set(0 if failed else 1)
             if failed:
-                log.error("reload_incomplete", components=failed)
+                log.error("reload_failed", components=failed, kept="the running settings")
                 return False
             log.info("reloaded", nodes=len(new.nodes()), strategy=new.routing.strategy)
             return True

@@ -18,6 +18,7 @@ import tomli_w
 from aiohttp.test_utils import TestServer
 
 from daemon.emulator.server import Emulator
+from daemon.runtime import RUNTIME, Phase
 from daemon.service import build_app
 from daemon.settings import Settings
 
@@ -61,6 +62,7 @@ async def running_olmd(settings: Settings | dict[str, Any]) -> AsyncIterator[Tes
         settings = Settings(**settings)
     server = TestServer(build_app(settings), host="127.0.0.1", handler_cancellation=True)
     await server.start_server()
+    server.app[RUNTIME].set_phase(Phase.READY)  # as serve() does once it listens
     try:
         yield server
     finally:

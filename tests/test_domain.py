@@ -556,3 +556,12 @@ def test_minus_infinity_deadlines_work_with_any_clock_origin():
     health = NodeHealth(policy=POLICY)
     assert health.ejected_until == -math.inf
     assert health.is_routable(-1e9)
+
+
+def test_a_refused_connection_ejects_at_once_and_a_good_probe_ends_it() -> None:
+    health = NodeHealth(policy=CooldownPolicy(failures_to_eject=3, base_seconds=10.0))
+    health.record_failure(0.0, FailureKind.REFUSED, "connect call failed")
+    assert health.state(0.1) is NodeState.COOLING
+    assert health.total_ejections == 1
+    health.record_probe(1.0, True)
+    assert health.state(1.0) is NodeState.HEALTHY

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from aiohttp import web
 
 from daemon.gateway import guard, routes
-from daemon.gateway.component import gateway_component
+from daemon.gateway.component import GATEWAY, gateway_component
 from daemon.metrics import CONTENT_TYPE, Metrics
 from daemon.runtime import RUNTIME, Phase, Runtime
 from daemon.settings import Settings
@@ -57,9 +57,17 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """200 when olmd can route; else 503 and why (starting, draining, no node answering)."""
     runtime = request.app[RUNTIME]
-    status = 200 if runtime.phase is Phase.READY else 503
-    return web.json_response({"status": str(runtime.phase)}, status=status)
+    if runtime.phase is not Phase.READY:
+        return web.json_response(
+            {"status": str(runtime.phase), "reason": str(runtime.phase)}, status=503
+        )
+    gateway = request.app.get(GATEWAY)
+    routable = runtime.server.readiness == "routable"
+    if routable and gateway is not None and not gateway.fleet.answering():
+        return web.json_response({"status": "unready", "reason": "no node answering"}, status=503)
+    return web.json_response({"status": str(runtime.phase)})
 
 
 async def metrics_handler(request: web.Request) -> web.Response:

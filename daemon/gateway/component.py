@@ -19,7 +19,7 @@ from aiohttp import web
 from daemon.gateway.fleet import Fleet
 from daemon.gateway.prober import Prober
 from daemon.gateway.proxy import Proxy
-from daemon.gateway.router import Router
+from daemon.gateway.router import Router, make_balancer
 from daemon.logs import get_logger
 from daemon.runtime import RUNTIME
 from daemon.settings import Settings
@@ -36,8 +36,11 @@ class Gateway:
     proxy: Proxy
 
     async def reload(self, settings: Settings) -> None:
+        # What can fail (loading the strategy's plugin) comes first, before anything
+        # changes; the rest only assigns.
+        balancer = make_balancer(settings.routing)
         fresh = self.fleet.update(settings.nodes(), settings.routing)
-        self.router.reconfigure(settings.routing)
+        self.router.reconfigure(settings.routing, balancer)
         self.proxy.configure(settings.routing)
         self.prober.configure(settings)
         for node in fresh:

@@ -8,12 +8,20 @@ A reload swaps the table without touching in-flight requests, which keep their `
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from daemon.domain import CooldownPolicy, FailureKind, ModelRef, NodeHealth, NodeState
+from daemon.domain import (
+    CooldownPolicy,
+    FailureKind,
+    ModelRef,
+    NodeHealth,
+    NodeState,
+    select_routable,
+)
 from daemon.settings import NodeSettings, RoutingSettings
 
 
@@ -87,7 +95,6 @@ class Fleet:
     def __init__(self, nodes: list[NodeSettings], routing: RoutingSettings) -> None:
         self.policy = policy_from(routing)
         self._nodes: dict[str, Node] = {}
-        self.panic = False  # the last routing decision had to use doubtful nodes
         # Told when what a node's memory holds is gone: (node, model), or (node, None)
         # for everything (the node was down). The router's prefix index listens.
         self.on_forget: Callable[[str, str | None], None] = lambda node, model: None
@@ -101,6 +108,33 @@ class Fleet:
 
     def get(self, name: str) -> Node | None:
         return self._nodes.get(name)
+
+    def panic_by_model(self, now: float) -> dict[str, bool]:
+        """Per model: whether too few of its holders are routable, so that requests for it
+        go to every holder that is not draining (``select_routable``)."""
+        holders: dict[str, list[Node]] = {}
+        for node in self._nodes.values():
+            for key in node.models:
+                holders.setdefault(key, []).append(node)
+        return {
+            key: select_routable(nodes, now, self.policy).panic
+            for key, nodes in sorted(holders.items())
+        }
+
+    @property
+    def panic(self) -> bool:
+        """Whether any model is routed in panic now."""
+        return any(self.panic_by_model(time.monotonic()).values())
+
+    def answering(self) -> bool:
+        """Whether any node not draining answered its last probe: olmd can route.
+
+        Down and cooling nodes count (panic routing still sends them requests), and a node
+        counts again from its first good probe, before ``rise`` makes it healthy."""
+        return any(
+            n.probed_at is not None and n.health.probe_failures == 0 and not n.health.draining
+            for n in self._nodes.values()
+        )
 
     def update(self, nodes: list[NodeSettings], routing: RoutingSettings) -> list[Node]:
         """Adopt a new node list (a reload). Returns the nodes that are new or re-addressed.

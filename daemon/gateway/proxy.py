@@ -54,11 +54,16 @@ class Endpoint:
 
 
 class _Retry(Exception):
-    """An attempt failed before the first byte reached the client; try another node."""
+    """An attempt failed before the first byte reached the client; try another node.
 
-    def __init__(self, reason: str, response: web.Response) -> None:
+    ``free``: the request never reached the node (the connection was refused), so trying
+    it elsewhere adds no GPU work and does not count against the retry budget.
+    """
+
+    def __init__(self, reason: str, response: web.Response, *, free: bool = False) -> None:
         self.reason = reason
         self.response = response  # what the client gets if no attempt is left
+        self.free = free
 
 
 class Proxy:
@@ -136,6 +141,7 @@ class Proxy:
         tried: list[str] = []
         last: web.Response | None = None
         node: Node | None = None
+        free = False  # the last attempt's failure cost no GPU work
         self.active += 1
         try:
             while True:
@@ -151,9 +157,11 @@ class Proxy:
                 node = route.node
                 tried.append(node.name)
                 retry = len(tried) > 1
+                budgeted = retry and not free
                 if retry:
-                    self.retrying += 1
                     route.reason = "failover"
+                if budgeted:
+                    self.retrying += 1
                 self._child(self.metrics.route_decisions, self.routing.strategy, route.reason).inc()
                 try:
                     return await self._attempt(
@@ -164,14 +172,15 @@ class Proxy:
                     return final.response
                 except _Retry as failed:
                     last = failed.response
+                    free = failed.free
                     out_of_attempts = len(tried) >= self.routing.max_attempts
-                    if out_of_attempts or not self._retry_allowed():
+                    if out_of_attempts or (not free and not self._retry_allowed()):
                         self._count(node, key, endpoint, failed.response.status)
                         return failed.response
                     self.metrics.failovers.labels(endpoint.path, failed.reason).inc()
                 finally:
                     self.router.release(route)
-                    if retry:
+                    if budgeted:
                         self.retrying -= 1
         finally:
             self.active -= 1
@@ -255,6 +264,13 @@ class Proxy:
             raise _Retry(
                 "timeout", error(504, f"node {node.name} sent nothing in time", **node_header)
             ) from None
+        except aiohttp.ClientConnectorError as exc:
+            # Nothing listens there (a node that died or restarts): the request went
+            # nowhere, so another node gets it whatever the retry budget says.
+            self._failed(node, FailureKind.REFUSED, str(exc) or type(exc).__name__)
+            raise _Retry(
+                "refused", error(502, f"node {node.name} unreachable", **node_header), free=True
+            ) from None
         except aiohttp.ClientError as exc:
             self._failed(node, FailureKind.CONNECT, str(exc) or type(exc).__name__)
             raise _Retry(
@@ -330,17 +346,20 @@ class Proxy:
         loop = asyncio.get_running_loop()
         status = upstream.status
         prev, tail = b"", first
+        guard: _StreamGuard | None = None
         try:
             await response.prepare(request)
             if first:
                 await response.write(first)
             async with asyncio.timeout(None) as deadline:
-                guard = _IdleGuard(loop, deadline, self.routing.idle_timeout)
+                routing = self.routing
+                guard = _StreamGuard(loop, deadline, routing.idle_timeout, routing.write_timeout)
                 try:
                     async for chunk in upstream.content.iter_any():
                         prev, tail = tail, chunk
-                        guard.last = None  # a slow client is not an idle node
+                        guard.writing = loop.time()  # a slow client is not an idle node
                         await response.write(chunk)
+                        guard.writing = None
                         guard.last = loop.time()
                 finally:
                     guard.cancel()
@@ -351,6 +370,14 @@ class Proxy:
             self._count(node, key, endpoint, CLIENT_GONE)
             return self._client_gone(node, upstream, response)
         except (TimeoutError, aiohttp.ClientError) as exc:
+            if guard is not None and guard.stuck:
+                # The client stopped reading (its window full) and did not close: cut it,
+                # and the node's request with it, so it holds no GPU slot.
+                self._count(node, key, endpoint, CLIENT_GONE)
+                self._client_gone(node, upstream, response)
+                if request.transport is not None:
+                    request.transport.abort()
+                return response
             upstream.close()
             detail = "idle timeout" if isinstance(exc, TimeoutError) else "stream cut"
             kind = FailureKind.TIMEOUT if isinstance(exc, TimeoutError) else FailureKind.CONNECT
@@ -412,28 +439,47 @@ class _Final(Exception):
         self.response = response
 
 
-class _IdleGuard:
-    """Expires ``deadline`` when no chunk arrived for ``idle`` seconds.
+class _StreamGuard:
+    """Expires ``deadline`` when the node sent nothing for ``idle`` seconds, or when one
+    write to the client has waited ``write_timeout`` seconds (then ``stuck`` is set).
 
-    The stream loop only stores a timestamp per chunk; one timer re-arms itself, so there
+    The stream loop only stores timestamps per chunk; one timer re-arms itself, so there
     is no timer churn per chunk.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, deadline: asyncio.Timeout, idle: float):
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        deadline: asyncio.Timeout,
+        idle: float,
+        write_timeout: float,
+    ) -> None:
         self.loop = loop
         self.deadline = deadline
         self.idle = idle
-        self.last: float | None = loop.time()
-        self._handle = loop.call_at(self.last + idle, self._check)
+        self.write_timeout = write_timeout
+        self.last = loop.time()  # when the node's last chunk was written out
+        self.writing: float | None = None  # since when a write waits on the client
+        self.stuck = False
+        self._handle = loop.call_at(self.last + min(idle, write_timeout), self._check)
 
     def _check(self) -> None:
         now = self.loop.time()
-        if self.last is None:  # waiting on the client's pace, not the node's
-            self._handle = self.loop.call_at(now + self.idle, self._check)
-        elif now - self.last >= self.idle:
-            self.deadline.reschedule(now)
+        if self.writing is not None:
+            if now - self.writing >= self.write_timeout:
+                self.stuck = True
+                self.deadline.reschedule(now)
+                return
+            due = self.writing + self.write_timeout
         else:
-            self._handle = self.loop.call_at(self.last + self.idle, self._check)
+            if now - self.last >= self.idle:
+                self.deadline.reschedule(now)
+                return
+            due = self.last + self.idle
+        # Look again when the nearer of the two limits could first be reached.
+        self._handle = self.loop.call_at(
+            min(due, now + min(self.idle, self.write_timeout)), self._check
+        )
 
     def cancel(self) -> None:
         self._handle.cancel()

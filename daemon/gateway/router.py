@@ -107,11 +107,11 @@ class Router:
         """Whether the strategy weighs costs, and so wants each request's prompt read."""
         return isinstance(self.balancer, CostBalancer)
 
-    def reconfigure(self, routing: RoutingSettings) -> None:
+    def reconfigure(self, routing: RoutingSettings, balancer: Balancer | None = None) -> None:
         # A fresh balancer, as nginx starts fresh peers on reload: state built on the
         # old weights would skew the first rounds on the new ones. What was learned about
         # the nodes stays true and is kept.
-        self.balancer = make_balancer(routing)
+        self.balancer = balancer if balancer is not None else make_balancer(routing)
         self.routing = routing
         self.index.entries_per_slot = routing.affinity_entries_per_slot
         self.rates.defaults = _defaults(routing)
@@ -128,7 +128,6 @@ class Router:
         now = self.clock()
         holders = [n for n in self.fleet if n.holds(key) and n.name not in exclude]
         selection = select_routable(holders, now, self.fleet.policy)
-        self.fleet.panic = selection.panic
         if holders and not selection.nodes:
             # Not a 404: Ollama clients take that as "pull the model".
             raise NoNode(503, f"every node holding {key!r} is draining", retry_after=5)

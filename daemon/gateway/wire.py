@@ -7,13 +7,16 @@ import json
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, MultiMapping
 
 from daemon.gateway.rates import Sample
 
+# RFC 9110 §7.6.1: meant for one connection, never forwarded (nor the headers that a
+# Connection header names, see _named_by_connection).
 HOP_BY_HOP = frozenset(
     {
         "connection",
+        "proxy-connection",
         "keep-alive",
         "proxy-authenticate",
         "proxy-authorization",
@@ -21,18 +24,25 @@ HOP_BY_HOP = frozenset(
         "trailer",
         "transfer-encoding",
         "upgrade",
-        "host",
-        "content-length",
-        "authorization",
-        "cookie",
-        "x-olmd-node",
-        "x-olmd-route",
     }
 )
+# Framing and addressing aiohttp sets itself for the next hop, and olmd's own headers.
+_OWN = frozenset({"host", "content-length", "x-olmd-node", "x-olmd-route"})
 # Request headers not copied: hop-by-hop, credentials, and the one olmd rewrites.
-SKIP_REQUEST = frozenset({*HOP_BY_HOP, "x-forwarded-for"})
+SKIP_REQUEST = frozenset({*HOP_BY_HOP, *_OWN, "authorization", "cookie", "x-forwarded-for"})
 # Response headers not copied: hop-by-hop, and those aiohttp sets itself.
-SKIP_RESPONSE = frozenset({*HOP_BY_HOP, "date", "server"})
+SKIP_RESPONSE = frozenset({*HOP_BY_HOP, *_OWN, "date", "server"})
+
+
+def _named_by_connection(headers: MultiMapping[str]) -> frozenset[str]:
+    """Header names listed in ``Connection`` (``Connection: close, X-Trace``): hop-by-hop
+    too. Only called when there is a Connection header."""
+    names: set[str] = set()
+    for value in headers.getall("Connection", ()):
+        names.update(token.strip().lower() for token in value.split(",") if token.strip())
+    return frozenset(names)
+
+
 ERROR_BODY_LIMIT = 64 * 1024
 
 
@@ -49,8 +59,11 @@ def openai_error(status: int, message: str, **headers: str) -> web.Response:
 def response_headers(
     upstream: aiohttp.ClientResponse, node: str, route: str | None = None
 ) -> CIMultiDict[str]:
+    skip = SKIP_RESPONSE
+    if "Connection" in upstream.headers:
+        skip = skip | _named_by_connection(upstream.headers)
     headers: CIMultiDict[str] = CIMultiDict(
-        (k, v) for k, v in upstream.headers.items() if k.lower() not in SKIP_RESPONSE
+        (k, v) for k, v in upstream.headers.items() if k.lower() not in skip
     )
     headers["X-Olmd-Node"] = node
     if route is not None:
@@ -61,7 +74,10 @@ def response_headers(
 def forward_headers(request: web.Request) -> dict[str, str]:
     # A plain dict: aiohttp builds its own multidict from it anyway. A repeated header
     # keeps its last value, which is what Ollama's HTTP server reads too.
-    headers = {k: v for k, v in request.headers.items() if k.lower() not in SKIP_REQUEST}
+    skip = SKIP_REQUEST
+    if "Connection" in request.headers:
+        skip = skip | _named_by_connection(request.headers)
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in skip}
     peer = request.remote or ""
     prior = request.headers.get("X-Forwarded-For")
     headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer

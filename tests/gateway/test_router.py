@@ -9,6 +9,7 @@ import asyncio
 
 import pytest
 
+from daemon.domain import FailureKind
 from daemon.gateway.fleet import Fleet
 from daemon.gateway.prompts import read_prompt
 from daemon.gateway.rates import Sample
@@ -202,3 +203,19 @@ def test_release_is_idempotent() -> None:
     router.release(route)
     router.release(route)
     assert node.in_flight == 0 and node.busy == {}
+
+
+def test_panic_routing_is_told_per_model() -> None:
+    settings = RoutingSettings()
+    configs = [NodeSettings(name=n, host="127.0.0.1", port=11434 + i) for i, n in enumerate("abc")]
+    fleet = Fleet(configs, settings)
+    models = {"a": ["llama3.1:8b"], "b": ["llama3.1:8b"], "c": ["qwen3:8b"]}
+    for node in fleet:
+        tags = [{"name": m} for m in models[node.name]]
+        fleet.probe_ok(node, 1000.0, version="0.12", tags=tags, ps=[])
+    assert fleet.panic_by_model(1000.0) == {"llama3.1:8b": False, "qwen3:8b": False}
+    for name in "ab":  # every holder of llama3.1 refused a connection: both cooling
+        node = fleet.get(name)
+        assert node is not None
+        node.health.record_failure(1000.0, FailureKind.REFUSED)
+    assert fleet.panic_by_model(1000.5) == {"llama3.1:8b": True, "qwen3:8b": False}
