@@ -22,7 +22,10 @@ from daemon.domain import (
     NodeState,
     select_routable,
 )
+from daemon.logs import get_logger
 from daemon.settings import NodeSettings, RoutingSettings
+
+log = get_logger("olmd.fleet")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -63,6 +66,7 @@ class Node:
     probed_at: float | None = None
     # Models a node answered 404 for since its last probe: skipped until the next one.
     missing: set[str] = field(default_factory=set)
+    out_since: float | None = None  # when an ejection (logged) began; None when in rotation
 
     @property
     def name(self) -> str:
@@ -175,12 +179,16 @@ class Fleet:
         else:
             for key in node.loaded.keys() - loaded.keys():
                 self.on_forget(node.name, key)
+        was_down = node.health.down
         node.version = version
         node.models = _by_key(tags)
         node.loaded = loaded
         node.missing.clear()
         node.probed_at = now
         node.health.record_probe(now, True)
+        if was_down and not node.health.down:
+            log.info("node_up", node=node.name, version=version, models=len(node.models))
+        self._back_in_rotation(node, now)
 
     def mark_loaded(self, node: Node, key: str) -> None:
         """A request just ran ``key`` on ``node``: it is in memory there until a probe
@@ -189,14 +197,35 @@ class Fleet:
             node.loaded[key] = {"name": key}
 
     def probe_failed(self, node: Node, now: float, detail: str) -> None:
+        was_down = node.health.down
         node.probed_at = now
         node.health.record_probe(now, False, node.redact(detail))
+        if node.health.down and not was_down:
+            log.warning("node_down", node=node.name, error=node.redact(detail))
 
     def request_ok(self, node: Node, now: float) -> None:
         node.health.record_success(now)
+        if node.out_since is not None:
+            self._back_in_rotation(node, now)
 
     def request_failed(self, node: Node, now: float, kind: FailureKind, detail: str) -> None:
-        node.health.record_failure(now, kind, node.redact(detail))
+        health = node.health
+        before = health.total_ejections
+        health.record_failure(now, kind, node.redact(detail))
+        if health.total_ejections > before:
+            node.out_since = now
+            log.warning(
+                "node_ejected",
+                node=node.name,
+                seconds=round(health.cooldown_remaining(now), 1),
+                ejections_in_a_row=health.ejections,
+                error=health.last_error,
+            )
+
+    def _back_in_rotation(self, node: Node, now: float) -> None:
+        if node.out_since is not None and node.health.is_routable(now):
+            log.info("node_ejection_ended", node=node.name, after=round(now - node.out_since, 1))
+            node.out_since = None
 
     def model_missing(self, node: Node, key: str) -> None:
         node.missing.add(key)

@@ -82,10 +82,7 @@ class Prober:
             detail = f"no answer within {self.timeout:g}s"
         except (aiohttp.ClientError, ProbeError, ValueError, OSError) as exc:
             detail = node.redact(str(exc) or type(exc).__name__)
-        was_down = node.health.down
         self.fleet.probe_failed(node, self.clock(), detail)
-        if node.health.down and not was_down:
-            log.warning("node_down", node=node.name, error=detail)
         return False
 
     async def probe_all(self) -> None:

@@ -34,9 +34,12 @@ from daemon.gateway.wire import (
     timings_from_tail,
     usage_from_tail,
 )
+from daemon.logs import get_logger
 from daemon.metrics import Metrics
 from daemon.ports import RouteRequest
 from daemon.settings import RoutingSettings
+
+log = get_logger("olmd.proxy")
 
 # Recorded for a client that left before its answer ended (nginx's convention).
 CLIENT_GONE = 499
@@ -178,6 +181,14 @@ class Proxy:
                         self._count(node, key, endpoint, failed.response.status)
                         return failed.response
                     self.metrics.failovers.labels(endpoint.path, failed.reason).inc()
+                    log.info(
+                        "failover",
+                        node=node.name,
+                        reason=failed.reason,
+                        model=key,
+                        endpoint=endpoint.path,
+                        attempt=len(tried),
+                    )
                 finally:
                     self.router.release(route)
                     if budgeted:
