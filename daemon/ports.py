@@ -87,12 +87,15 @@ class RouteRequest:
 
 @dataclass(frozen=True, slots=True)
 class Candidate(Generic[NodeT]):
-    """One node that may serve the request now, with what the fleet knows of it.
+    """One routable node that holds the model, with what the fleet knows of it.
 
     Every time is in seconds and already resolved: measured on this node for this model
     where the fleet has seen it, else the fleet's mean for the model, else the settings'
     default. ``load_seconds`` is 0 when the model is loaded there; it includes the cost of
-    the eviction the load would cause on a node at its resident-model limit.
+    the eviction the load would cause on a node at its resident-model limit. A node with
+    no ``room`` can be chosen too: the request then waits in olmd for a slot on it (for at
+    most the choice's ``patience``), as when its cache is worth more than a free slot
+    elsewhere.
     """
 
     node: NodeT
@@ -103,6 +106,8 @@ class Candidate(Generic[NodeT]):
     service_seconds: float  # how long one request holds a slot
     cached_tokens: int  # prompt tokens the node's slots probably hold already
     pinned: bool  # the request's session was served here last
+    room: bool = True  # a request sent now starts without waiting in olmd
+    waiting: int = 0  # requests already waiting in olmd for a slot on this node
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +117,9 @@ class Choice(Generic[NodeT]):
     node: NodeT
     reason: str
     estimate: float  # seconds to the first token, as the balancer reckoned it
+    # For a node without room: how long the request may wait for a slot on it before it
+    # takes whichever node frees one first.
+    patience: float = 0.0
 
 
 @runtime_checkable

@@ -67,6 +67,19 @@ class _Waiter:
     prompt: Prompt
     exclude: Collection[str]
     future: asyncio.Future[Route] = field(repr=False)
+    # A cost balancer chose a node without a free slot (its cache is worth the wait):
+    # only that node serves this waiter until ``prefer_until`` (the loop's clock).
+    prefer: str | None = None
+    prefer_until: float = 0.0
+    preferred_once: bool = False  # a waiter waits for one node at most once
+
+
+@dataclass(frozen=True, slots=True)
+class _Wait:
+    """``_pick``'s answer when the choice is a node without a free slot: wait for it."""
+
+    node: Node
+    patience: float
 
 
 def make_balancer(routing: RoutingSettings) -> Balancer:
@@ -100,6 +113,7 @@ class Router:
         self.sessions: OrderedDict[str, str] = OrderedDict()
         self.queued = 0
         self._queue: dict[str, deque[_Waiter]] = {}
+        self._waiting_for: dict[str, int] = {}  # node → waiters preferring it
         fleet.on_forget = self.index.drop
 
     @property
@@ -140,20 +154,31 @@ class Router:
         return node.busy.get(key, 0) < self.slots(node) + self.routing.overcommit
 
     def _pick(
-        self, request: RouteRequest, prompt: Prompt, exclude: Collection[str]
-    ) -> Route | None:
+        self,
+        request: RouteRequest,
+        prompt: Prompt,
+        exclude: Collection[str],
+        *,
+        prefer: str | None = None,
+        may_wait: bool = True,
+    ) -> Route | _Wait | None:
+        """A route on a node with a free slot; a _Wait when the cost balancer would rather
+        wait for a busy node (only with ``may_wait``); None when no node has room.
+        ``prefer`` restricts the choice to that node."""
         key = request.model
         nodes = self.candidates(key, exclude)
         if not nodes:
             raise NoNode(404, f"model {key!r} not found on any available node")
+        if prefer is not None:
+            nodes = [n for n in nodes if n.name == prefer]
         free = [n for n in nodes if self._has_room(n, key)]
-        if not free:
-            return None
         balancer = self.balancer
-        if isinstance(balancer, CostBalancer):
-            candidates = self._candidates(request, prompt, free)
+        if isinstance(balancer, CostBalancer) and (free or (may_wait and nodes)):
+            candidates = self._candidates(request, prompt, nodes if may_wait else free)
             choice = balancer.select(request, candidates)
             chosen = next(c for c in candidates if c.node is choice.node)
+            if not chosen.room:
+                return _Wait(chosen.node, choice.patience)
             route = Route(
                 choice.node,
                 key,
@@ -166,9 +191,11 @@ class Router:
             )
             if prompt.hashes:
                 self.index.touch(choice.node.name, key, prompt.hashes)
-        else:
+        elif free:
             node = balancer.choose(free)
             route = Route(node, key, self.routing.strategy, expected_cold=not node.has_loaded(key))
+        else:
+            return None
         node = route.node
         node.in_flight += 1
         node.busy[key] = node.busy.get(key, 0) + 1
@@ -194,6 +221,8 @@ class Router:
                     service_seconds=rates.service_seconds(n.name, key),
                     cached_tokens=prompt.tokens[segments - 1] if segments else 0,
                     pinned=n.name == pinned,
+                    room=self._has_room(n, key),
+                    waiting=self._waiting_for.get(n.name, 0),
                 )
             )
         return out
@@ -211,16 +240,21 @@ class Router:
     ) -> Route:
         """A node for one attempt, its slot taken; give it back with :meth:`release`."""
         key = request.model
+        wait: _Wait | None = None
         if not self._queue.get(key):  # first come, first served: no overtaking waiters
-            route = self._pick(request, prompt, exclude)
-            if route is not None:
-                return route
+            picked = self._pick(request, prompt, exclude)
+            if isinstance(picked, Route):
+                return picked
+            wait = picked
         else:
             self.candidates(key, exclude)  # a 503 for a draining fleet comes at once
         if self.queued >= self.routing.queue_limit:
             raise NoNode(503, "all nodes for this model are at capacity", retry_after=1)
-        future: asyncio.Future[Route] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Route] = loop.create_future()
         waiter = _Waiter(request, prompt, exclude, future)
+        if wait is not None:
+            self._prefer(waiter, wait, loop.time())
         queue = self._queue.setdefault(key, deque())
         queue.append(waiter)
         self.queued += 1
@@ -228,7 +262,10 @@ class Router:
             async with asyncio.timeout(self.routing.queue_timeout):
                 self._dispatch(key)
                 while not future.done():
-                    await asyncio.wait((future,), timeout=_REPOLL)
+                    step = _REPOLL
+                    if waiter.prefer is not None:
+                        step = min(step, max(0.0, waiter.prefer_until - loop.time()) + 0.001)
+                    await asyncio.wait((future,), timeout=step)
                     if not future.done():
                         self._dispatch(key)
         except TimeoutError:
@@ -242,6 +279,7 @@ class Router:
             raise
         finally:
             self.queued -= 1
+            self._unprefer(waiter)
             if not future.done():
                 future.cancel()
             if waiter in queue:
@@ -249,6 +287,31 @@ class Router:
             if not queue and self._queue.get(key) is queue:
                 del self._queue[key]
         return future.result()
+
+    def _still_holds(self, waiter: _Waiter) -> bool:
+        """Whether the node a waiter waits for can still serve it (routable, has it)."""
+        try:
+            nodes = self.candidates(waiter.request.model, waiter.exclude)
+        except NoNode:
+            return False
+        return any(n.name == waiter.prefer for n in nodes)
+
+    def _prefer(self, waiter: _Waiter, wait: _Wait, now: float) -> None:
+        waiter.prefer = wait.node.name
+        waiter.prefer_until = now + wait.patience
+        waiter.preferred_once = True
+        self._waiting_for[wait.node.name] = self._waiting_for.get(wait.node.name, 0) + 1
+
+    def _unprefer(self, waiter: _Waiter) -> None:
+        name = waiter.prefer
+        if name is None:
+            return
+        waiter.prefer = None
+        left = self._waiting_for.get(name, 0) - 1
+        if left > 0:
+            self._waiting_for[name] = left
+        else:
+            self._waiting_for.pop(name, None)
 
     def release(self, route: Route) -> None:
         if route.released:
@@ -289,28 +352,55 @@ class Router:
                 self.sessions.popitem(last=False)
 
     def _dispatch(self, first: str | None = None) -> None:
-        """Hand free slots to waiters, oldest first per model; ``first``'s model first."""
+        """Hand free slots to waiters, oldest first per model; ``first``'s model first.
+
+        A waiter that waits for one node (its cache is there) lets the others pass while
+        that node is full, until its patience runs out; then it takes any node.
+        """
         keys = list(self._queue)
         if first in self._queue:
             keys.remove(first)
             keys.insert(0, first)
+        now = asyncio.get_running_loop().time()
         for key in keys:
             queue = self._queue.get(key)
-            while queue:
-                waiter = queue[0]
+            if not queue:
+                continue
+            blocked = False  # no node has room for a waiter that takes any node
+            for waiter in list(queue):
                 if waiter.future.done():
-                    queue.popleft()
+                    queue.remove(waiter)
+                    continue
+                if waiter.prefer is not None and (
+                    now >= waiter.prefer_until or not self._still_holds(waiter)
+                ):
+                    self._unprefer(waiter)
+                if waiter.prefer is None and blocked:
                     continue
                 try:
-                    route = self._pick(waiter.request, waiter.prompt, waiter.exclude)
+                    picked = self._pick(
+                        waiter.request,
+                        waiter.prompt,
+                        waiter.exclude,
+                        prefer=waiter.prefer,
+                        may_wait=not waiter.preferred_once,
+                    )
                 except NoNode as exc:
-                    queue.popleft()
+                    if waiter.prefer is not None:  # its node is gone: take any
+                        self._unprefer(waiter)
+                        continue
+                    queue.remove(waiter)
                     waiter.future.set_exception(exc)
                     continue
-                if route is None:
-                    break
-                queue.popleft()
-                waiter.future.set_result(route)
+                if isinstance(picked, _Wait):
+                    self._prefer(waiter, picked, now)
+                    continue
+                if picked is None:
+                    blocked = blocked or waiter.prefer is None
+                    continue
+                queue.remove(waiter)
+                self._unprefer(waiter)
+                waiter.future.set_result(picked)
 
     def describe(self, node: Node) -> dict[str, Any]:
         """Routing's view of ``node`` for ``/admin/nodes``."""

@@ -2,16 +2,21 @@
 
 For each candidate the estimate of the time to the first token is
 
-    wait     = requests in flight there ÷ slots × the node's service time for the model
+    wait     = requests ahead of it ÷ slots × the node's service time for the model
+               (0 while a slot is free; beyond, the requests in flight past the slots
+               and those already waiting for the node, plus this one)
     load     = its cold load when the model is not in memory there (0 when it is)
     prefill  = (prompt tokens − tokens its slots probably hold) × its seconds per token
 
-and the smallest wins. A conversation pinned by a session key stays on its node while
-that node's estimate is within ``pin_tolerance`` of the best. Among equally good nodes a
-request with a conversation goes by weighted rendezvous hashing of the conversation's
-start, so every gateway (each with its own view) puts a new conversation on the same
-node; a request without one goes by smooth weighted round-robin, so an idle uniform fleet
-still splits by weight.
+and the smallest wins, full nodes included: a follow-up whose conversation is cached on a
+busy node waits for a slot there rather than evaluate the whole history elsewhere, for as
+long as that saves time (the choice's ``patience``). A conversation pinned by a session
+key stays on its node while that node's estimate is within ``pin_tolerance`` of the best.
+Among equally good nodes a request with a conversation goes by weighted rendezvous hashing
+of the conversation's start, so every gateway (each with its own view) puts a new
+conversation on the same node, unless the load among them is clearly uneven (then the
+least busy); a request without one goes by smooth weighted round-robin, so an idle
+uniform fleet still splits by weight.
 """
 
 from __future__ import annotations
@@ -27,12 +32,26 @@ from plugins.balancers.weighted import WeightedBalancer
 # learned rates differ a little between nodes and gateways, and that must not decide.
 TIE_SHARE = 0.1
 TIE_SECONDS = 0.05
+# Rendezvous gives way to the least busy node when the busiest tie has this many more
+# requests in flight than the least busy (and half as many again): new conversations
+# must not pile onto one node because their hashes happened to fall there.
+UNEVEN_ABS = 2
+UNEVEN_REL = 1.5
+
+
+def own_cost(request: RouteRequest, c: Candidate[NodeT]) -> float:
+    """Seconds to the first token once a slot is free there: load and uncached prefill."""
+    uncached = max(0, request.prompt_tokens - c.cached_tokens)
+    return c.load_seconds + uncached * c.seconds_per_prompt_token
+
+
+def wait_seconds(c: Candidate[NodeT]) -> float:
+    ahead = c.busy - c.slots + 1 + c.waiting
+    return max(0, ahead) / c.slots * c.service_seconds
 
 
 def estimate(request: RouteRequest, c: Candidate[NodeT]) -> float:
-    wait = c.busy / c.slots * c.service_seconds
-    uncached = max(0, request.prompt_tokens - c.cached_tokens)
-    return wait + c.load_seconds + uncached * c.seconds_per_prompt_token
+    return wait_seconds(c) + own_cost(request, c)
 
 
 def rendezvous_score(conversation: int, name: str, weight: int) -> float:
@@ -62,15 +81,21 @@ class AdaptiveBalancer:
     ) -> Choice[NodeT]:
         costs = [estimate(request, c) for c in candidates]
         best = min(costs)
-        for c, cost in zip(candidates, costs, strict=True):
-            if c.pinned and cost <= best * self.pin_tolerance + TIE_SECONDS:
-                return Choice(c.node, "affinity", cost)
+        for i, c in enumerate(candidates):
+            if c.pinned and costs[i] <= best * self.pin_tolerance + TIE_SECONDS:
+                return self._choice(request, candidates, i, "affinity", costs[i])
         limit = best * (1 + TIE_SHARE) + TIE_SECONDS
         ties = [i for i, cost in enumerate(costs) if cost <= limit]
+        roomy = [i for i in ties if candidates[i].room]
+        ties = roomy or ties  # a tie with a free slot beats a tie to wait for
         if len(ties) == 1:
             i = ties[0]
-            return Choice(candidates[i].node, _why(request, candidates, costs, i), costs[i])
+            return self._choice(request, candidates, i, _why(candidates, i), costs[i])
         if request.conversation is not None:
+            busy = [candidates[i].busy for i in ties]
+            if max(busy) - min(busy) > UNEVEN_ABS and max(busy) > UNEVEN_REL * min(busy):
+                i = min(ties, key=lambda j: candidates[j].busy / candidates[j].slots)
+                return self._choice(request, candidates, i, "least-wait", costs[i])
             i = max(
                 ties,
                 key=lambda j: rendezvous_score(
@@ -78,15 +103,30 @@ class AdaptiveBalancer:
                 ),
             )
             reason = "affinity" if candidates[i].cached_tokens else "rendezvous"
-            return Choice(candidates[i].node, reason, costs[i])
+            return self._choice(request, candidates, i, reason, costs[i])
         node = self._weighted.choose([candidates[i].node for i in ties])
         i = next(j for j in ties if candidates[j].node is node)
-        return Choice(node, "weighted", costs[i])
+        return self._choice(request, candidates, i, "weighted", costs[i])
+
+    @staticmethod
+    def _choice(
+        request: RouteRequest,
+        candidates: Sequence[Candidate[NodeT]],
+        i: int,
+        reason: str,
+        cost: float,
+    ) -> Choice[NodeT]:
+        chosen = candidates[i]
+        if chosen.room:
+            return Choice(chosen.node, reason, cost)
+        # Worth waiting for while the wait is shorter than what going elsewhere would cost
+        # beyond this node's own (its cache, its loaded model).
+        others = [own_cost(request, c) for j, c in enumerate(candidates) if j != i]
+        saving = (min(others) if others else math.inf) - own_cost(request, chosen)
+        return Choice(chosen.node, reason, cost, patience=max(0.0, saving))
 
 
-def _why(
-    request: RouteRequest, candidates: Sequence[Candidate[NodeT]], costs: list[float], i: int
-) -> str:
+def _why(candidates: Sequence[Candidate[NodeT]], i: int) -> str:
     """What made candidate ``i`` the clear winner: its cache, its loaded model, or its wait."""
     chosen = candidates[i]
     others = [c for j, c in enumerate(candidates) if j != i]

@@ -219,3 +219,53 @@ def test_panic_routing_is_told_per_model() -> None:
         assert node is not None
         node.health.record_failure(1000.0, FailureKind.REFUSED)
     assert fleet.panic_by_model(1000.5) == {"llama3.1:8b": True, "qwen3:8b": False}
+
+
+async def _conversation_on_a(router: Router) -> tuple[RouteRequest, object]:
+    """Record a long conversation as served by a; return its follow-up request and prompt."""
+    body = {"messages": [{"role": "user", "content": "y" * 8000}]}
+    prompt = read_prompt("/api/chat", body, KEY)
+    a = router.fleet.get("a")
+    assert a is not None
+    route = Route(a, KEY, "test", prompt=prompt)
+    router.complete(route, None)
+    body["messages"] += [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "?"}]
+    follow = read_prompt("/api/chat", body, KEY)
+    return RouteRequest(KEY, follow.total_tokens, follow.conversation), follow
+
+
+async def test_a_follow_up_waits_for_the_busy_node_that_holds_it_and_lets_others_pass() -> None:
+    router, _, _ = make(
+        ("a", 1), ("b", 1), loaded=("a", "b"), strategy="adaptive", service_seconds=0.2
+    )
+    request, prompt = await _conversation_on_a(router)
+    other = await router.acquire(RouteRequest(KEY, 5, conversation=1))  # rendezvous: a or b
+    if other.node.name == "b":  # make a the busy one
+        router.release(other)
+        other = await router.acquire(RouteRequest(KEY, 5, conversation=1), exclude=("b",))
+    follow_up = asyncio.create_task(router.acquire(request, prompt))
+    await asyncio.sleep(0.05)
+    assert not follow_up.done()  # b is free, but a holds 2 000 cached tokens
+    passer = await asyncio.wait_for(router.acquire(RouteRequest(KEY, 5)), 1)
+    assert passer.node.name == "b"  # a request without a cache does not wait behind it
+    router.release(other)
+    route = await asyncio.wait_for(follow_up, 1)
+    assert (route.node.name, route.reason) == ("a", "affinity")
+
+
+async def test_a_waiter_whose_patience_runs_out_takes_any_node() -> None:
+    router, _, _ = make(
+        ("a", 1),
+        ("b", 1),
+        loaded=("a", "b"),
+        strategy="adaptive",
+        service_seconds=0.01,
+        prompt_tokens_per_second=20_000,  # the cache saves only 0.1 s: wait that long
+    )
+    request, prompt = await _conversation_on_a(router)
+    held = await router.acquire(RouteRequest(KEY, 5), exclude=("b",))
+    started = asyncio.get_running_loop().time()
+    route = await asyncio.wait_for(router.acquire(request, prompt), 2)
+    waited = asyncio.get_running_loop().time() - started
+    assert route.node.name == "b" and 0.05 < waited < 1.0
+    router.release(held)

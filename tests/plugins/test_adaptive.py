@@ -35,9 +35,11 @@ def cand(node: FakeNode, **kw) -> Candidate[FakeNode]:
 
 def test_the_estimate_adds_wait_load_and_uncached_prefill() -> None:
     request = RouteRequest("m", prompt_tokens=3000)
-    c = cand(A, slots=4, busy=2, load_seconds=7.0, cached_tokens=1000)
-    # 2 of 4 slots busy x 2 s + 7 s load + 2000 uncached tokens x 1 ms
+    c = cand(A, slots=4, busy=5, load_seconds=7.0, cached_tokens=1000)
+    # 5 in flight on 4 slots: 2 ahead of it, ÷ 4 slots x 2 s; + 7 s load; + 2000 uncached
+    # tokens x 1 ms
     assert estimate(request, c) == 1.0 + 7.0 + 2.0
+    assert estimate(request, cand(A, slots=4, busy=3)) == 3.0  # a free slot: no wait
 
 
 def test_an_idle_uniform_fleet_splits_by_weight() -> None:
@@ -67,9 +69,31 @@ def test_a_loaded_model_beats_a_cold_load() -> None:
 
 def test_a_shorter_wait_wins_when_nothing_else_differs() -> None:
     choice = AdaptiveBalancer().select(
-        RouteRequest("m", 100), [cand(A, slots=4, busy=3), cand(B, slots=4, busy=0)]
+        RouteRequest("m", 100), [cand(A, busy=1, room=False), cand(B, slots=4, busy=3)]
     )
-    assert (choice.node, choice.reason) == (B, "least-wait")
+    assert (choice.node, choice.reason, choice.patience) == (B, "least-wait", 0.0)
+
+
+def test_a_busy_node_holding_the_conversation_is_waited_for() -> None:
+    # b holds 4 000 of 4 100 tokens but has no free slot: a slot frees in about 0.25 s,
+    # while a's free slot would cost 4 s of prefill. Wait for b, at most the 3.9 s saved.
+    request = RouteRequest("m", 4100, conversation=3)
+    full_b = cand(B, slots=4, busy=4, room=False, service_seconds=1.0, cached_tokens=4000)
+    choice = AdaptiveBalancer().select(request, [cand(A), full_b])
+    assert (choice.node, choice.reason) == (B, "affinity")
+    assert round(choice.patience, 3) == 4.0
+    # Others waiting for b already make the wait longer than the prefill elsewhere.
+    crowded = cand(B, slots=4, busy=4, room=False, waiting=20, service_seconds=1.0,
+                   cached_tokens=4000)  # fmt: skip
+    assert AdaptiveBalancer().select(request, [cand(A), crowded]).node is A
+
+
+def test_uneven_load_places_a_new_conversation_on_the_least_busy_node() -> None:
+    balancer = AdaptiveBalancer()
+    for conversation in range(20):
+        request = RouteRequest("m", 500, conversation=conversation)
+        choice = balancer.select(request, [cand(A, slots=8, busy=6), cand(B, slots=8, busy=1)])
+        assert (choice.node, choice.reason) == (B, "least-wait")
 
 
 def test_a_long_prompt_prefers_the_warm_cache_over_an_idle_node() -> None:
@@ -84,7 +108,8 @@ def test_a_long_prompt_prefers_the_warm_cache_over_an_idle_node() -> None:
 def test_a_pinned_session_stays_while_its_cost_is_within_the_tolerance() -> None:
     balancer = AdaptiveBalancer(pin_tolerance=1.5)
     request = RouteRequest("m", 1000, session="s1")
-    near = [cand(A), cand(B, slots=4, busy=1, pinned=True)]  # 1.0 s vs 1.5 s
+    near = [cand(A), cand(B, slots=2, busy=2, room=False, service_seconds=1.0, pinned=True)]
+    # 1.0 s against 0.5 s of wait + 1.0 s: within 1.5 x
     assert balancer.select(request, near).node is B
     far = [cand(A), cand(B, load_seconds=10.0, pinned=True)]  # 1.0 s vs 11 s
     assert balancer.select(request, far).node is A
