@@ -426,17 +426,20 @@ class Proxy:
         node, key = route.node, route.key
         self._count(node, key, endpoint, status)
         child(metrics.latency, endpoint.path).observe(time.monotonic() - started)
+        sample = timings_from_tail(tail)
         if status < 300:
-            sample = timings_from_tail(tail)
             self.router.complete(route, sample)
             if sample is not None and sample.load_ns >= COLD_LOAD_NS:
                 child(metrics.cold_loads, node.name, key).inc()
             if route.cached_tokens:
                 child(metrics.cached_prompt_tokens, node.name, key).inc(route.cached_tokens)
-        usage = usage_from_tail(tail)
-        if usage is None:
-            return
-        prompt, generated, eval_ns = usage
+        if sample is not None:  # Ollama's final chunk
+            prompt, generated, eval_ns = sample.prompt_count, sample.eval_count, sample.eval_ns
+        else:  # the OpenAI-compatible routes' usage, if any
+            usage = usage_from_tail(tail)
+            if usage is None:
+                return
+            prompt, generated, eval_ns = usage
         child(metrics.tokens, node.name, key, "in").inc(prompt)
         child(metrics.tokens, node.name, key, "out").inc(generated)
         if eval_ns > 0 and generated > 0:

@@ -69,6 +69,7 @@ class Rates:
         self._table: dict[tuple[str, str], Learned] = {}
         self._by_model: dict[str, dict[str, Learned]] = {}
         self._fleet: dict[tuple[str, str], float] = {}  # (model, figure) → fleet mean
+        self._stale: set[str] = set()  # models whose fleet means need computing again
 
     def learn(
         self, node: str, model: str, sample: Sample, *, expected_cold: bool, cached: int
@@ -85,17 +86,18 @@ class Rates:
             entry.seconds_per_token.add(sample.eval_ns / 1e9 / sample.eval_count)
         if sample.held_seconds > 0:
             entry.service_seconds.add(sample.held_seconds)
-        self._refresh(model)
+        self._stale.add(model)
 
     def forget(self, node: str) -> None:
         for key in [k for k in self._table if k[0] == node]:
             del self._table[key]
             del self._by_model[key[1]][node]
-            self._refresh(key[1])
+            self._stale.add(key[1])
 
     def _refresh(self, model: str) -> None:
-        # The fleet's means, kept per model so that a lookup costs O(1): O(nodes) here,
-        # once per finished request, rather than per candidate of every request.
+        # The fleet's means per model, computed again (O(nodes)) at the first lookup after
+        # a change: learning costs O(1) per request, a lookup O(1) per candidate.
+        self._stale.discard(model)
         entries = self._by_model.get(model, {}).values()
         for figure in FIGURES:
             values = [m.value for e in entries if (m := getattr(e, figure)).samples]
@@ -105,6 +107,8 @@ class Rates:
                 self._fleet.pop((model, figure), None)
 
     def _figure(self, node: str, model: str, field: str, default: float) -> float:
+        if model in self._stale:
+            self._refresh(model)
         entry = self._table.get((node, model))
         if entry is not None:
             mean: Mean = getattr(entry, field)
