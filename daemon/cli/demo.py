@@ -39,6 +39,7 @@ def demo_settings(
             "strategy": strategy,
             "parallel": PERFORMANCE["num_parallel"],
             "cold_load_seconds": PERFORMANCE["load_delay"],
+            "affinity_entries_per_slot": 1,  # an emulated slot keeps one conversation
             "probe_interval": 2.0,
         },
         # The nightly job would write a manifest into the working tree; POST /admin/sync

@@ -70,6 +70,7 @@ class _Waiter:
     # A cost balancer chose a node without a free slot (its cache is worth the wait):
     # only that node serves this waiter until ``prefer_until`` (the loop's clock).
     prefer: str | None = None
+    prefer_reason: str = ""
     prefer_until: float = 0.0
     preferred_once: bool = False  # a waiter waits for one node at most once
 
@@ -80,6 +81,7 @@ class _Wait:
 
     node: Node
     patience: float
+    reason: str
 
 
 def make_balancer(routing: RoutingSettings) -> Balancer:
@@ -178,7 +180,7 @@ class Router:
             choice = balancer.select(request, candidates)
             chosen = next(c for c in candidates if c.node is choice.node)
             if not chosen.room:
-                return _Wait(chosen.node, choice.patience)
+                return _Wait(chosen.node, choice.patience, choice.reason)
             route = Route(
                 choice.node,
                 key,
@@ -231,8 +233,15 @@ class Router:
         cost = self.rates.load_seconds(node.name, key)
         limit = node.config.max_loaded_models
         if limit and len(node.loaded) >= limit:
-            # Loading evicts a resident model: whoever needs it next pays its load again.
-            cost += min(self.rates.load_seconds(node.name, m) for m in node.loaded)
+            # Loading evicts a resident model (Ollama picks an idle one, or waits for one
+            # to finish): whoever needs it next pays its load again, and while every
+            # resident model is busy the load waits for one to drain.
+            rates = self.rates
+            cost += min(
+                rates.load_seconds(node.name, m)
+                + (rates.service_seconds(node.name, m) if node.busy.get(m) else 0.0)
+                for m in node.loaded
+            )
         return cost
 
     async def acquire(
@@ -298,6 +307,7 @@ class Router:
 
     def _prefer(self, waiter: _Waiter, wait: _Wait, now: float) -> None:
         waiter.prefer = wait.node.name
+        waiter.prefer_reason = wait.reason
         waiter.prefer_until = now + wait.patience
         waiter.preferred_once = True
         self._waiting_for[wait.node.name] = self._waiting_for.get(wait.node.name, 0) + 1
@@ -399,6 +409,8 @@ class Router:
                     blocked = blocked or waiter.prefer is None
                     continue
                 queue.remove(waiter)
+                if waiter.prefer is not None:  # waited for this node, for that reason
+                    picked.reason = waiter.prefer_reason
                 self._unprefer(waiter)
                 waiter.future.set_result(picked)
 

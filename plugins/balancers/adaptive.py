@@ -90,7 +90,7 @@ class AdaptiveBalancer:
         ties = roomy or ties  # a tie with a free slot beats a tie to wait for
         if len(ties) == 1:
             i = ties[0]
-            return self._choice(request, candidates, i, _why(candidates, i), costs[i])
+            return self._choice(request, candidates, i, _why(candidates, costs, i), costs[i])
         if request.conversation is not None:
             busy = [candidates[i].busy for i in ties]
             if max(busy) - min(busy) > UNEVEN_ABS and max(busy) > UNEVEN_REL * min(busy):
@@ -102,7 +102,9 @@ class AdaptiveBalancer:
                     request.conversation or 0, candidates[j].node.name, candidates[j].node.weight
                 ),
             )
-            reason = "affinity" if candidates[i].cached_tokens else "rendezvous"
+            held = candidates[i].cached_tokens
+            more = all(held > candidates[j].cached_tokens for j in ties if j != i)
+            reason = "affinity" if held and more else "rendezvous"
             return self._choice(request, candidates, i, reason, costs[i])
         node = self._weighted.choose([candidates[i].node for i in ties])
         i = next(j for j in ties if candidates[j].node is node)
@@ -126,12 +128,16 @@ class AdaptiveBalancer:
         return Choice(chosen.node, reason, cost, patience=max(0.0, saving))
 
 
-def _why(candidates: Sequence[Candidate[NodeT]], i: int) -> str:
-    """What made candidate ``i`` the clear winner: its cache, its loaded model, or its wait."""
+def _why(candidates: Sequence[Candidate[NodeT]], costs: list[float], i: int) -> str:
+    """What made candidate ``i`` beat the runner-up: its cache, its loaded model, or its
+    shorter wait."""
     chosen = candidates[i]
-    others = [c for j, c in enumerate(candidates) if j != i]
-    if chosen.cached_tokens and all(c.cached_tokens < chosen.cached_tokens for c in others):
+    rest = [j for j in range(len(candidates)) if j != i]
+    if not rest:
+        return "least-wait" if chosen.load_seconds == 0 else "warm"
+    runner = candidates[min(rest, key=lambda j: costs[j])]
+    if chosen.cached_tokens > runner.cached_tokens:
         return "affinity"
-    if chosen.load_seconds == 0 and any(c.load_seconds > 0 for c in others):
+    if chosen.load_seconds < runner.load_seconds:
         return "warm"
     return "least-wait"
