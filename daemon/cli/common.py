@@ -25,3 +25,21 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
 
 def settings_from(args: argparse.Namespace) -> Settings:
     return load_settings(args.config)
+
+
+def add_config_option(parser: argparse.ArgumentParser) -> None:
+    """``--config`` after the subcommand too (``olmd sync --config PATH``). SUPPRESS: not
+    given there, the top-level ``olmd --config PATH`` still counts."""
+    parser.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help="settings file")
+
+
+def http_url(scheme: str, host: str, port: int) -> str:
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+def daemon_url(settings: Settings) -> str:
+    """Where this machine reaches the daemon the settings describe (a wildcard listen
+    address is reached on loopback)."""
+    wildcard = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+    host = wildcard.get(settings.server.host, settings.server.host)
+    return http_url("http", host, settings.server.port)

@@ -14,8 +14,15 @@ from typing import Any
 import tomli_w
 
 from daemon import __version__, logs, registry
-from daemon.cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, run_async, settings_from
-from daemon.settings import SettingsError, load_settings
+from daemon.cli.common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    add_config_option,
+    run_async,
+    settings_from,
+)
+from daemon.settings import DEFAULT_PATHS, SettingsError, find_settings_file, load_settings
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -27,12 +34,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
     settings = settings_from(args)
+    found = find_settings_file(args.config)
     nodes = settings.nodes()
     print(
         f"settings OK: {len(nodes)} node(s) ({', '.join(n.name for n in nodes)}), "
         f"strategy {settings.routing.strategy}, listening on "
         f"{settings.server.host}:{settings.server.port}"
     )
+    if found is None:
+        looked = ", ".join(str(p) for p in DEFAULT_PATHS)
+        print(f"no settings file found ({looked}): defaults and environment only")
+    else:
+        print(f"read {found.absolute()}")
     return EXIT_OK
 
 
@@ -93,15 +106,22 @@ def build_parser() -> argparse.ArgumentParser:
         "SIGHUP reloads the settings; SIGTERM drains in-flight requests and exits.",
     )
     serve.set_defaults(func=_cmd_serve)
+    add_config_option(serve)
 
     config = sub.add_parser("config", help="check or show the settings")
+    add_config_option(config)
     config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
-    config_sub.add_parser(
-        "check", help="validate the settings; exit 2 naming each bad key"
-    ).set_defaults(func=_cmd_config_check)
-    config_sub.add_parser(
+    check = config_sub.add_parser(
+        "check",
+        help="validate the settings and name the file read; exit 2 naming each bad key",
+    )
+    check.set_defaults(func=_cmd_config_check)
+    show = config_sub.add_parser(
         "show", help="print the effective settings as TOML, secrets masked"
-    ).set_defaults(func=_cmd_config_show)
+    )
+    show.set_defaults(func=_cmd_config_show)
+    for action in (check, show):
+        add_config_option(action)
 
     emulate = sub.add_parser(
         "emulate",
@@ -135,11 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _plugins() -> list[Callable[[Any], None]]:
-    """Subcommands contributed by other modules (sync, verify-env, healthcheck, smoke)."""
+    """Subcommands contributed by other modules (sync, verify-env, healthcheck, smoke,
+    status)."""
     from daemon.cli import ops as ops_cli
+    from daemon.cli import status as status_cli
     from daemon.cli import sync as sync_cli
 
-    return [sync_cli.register, ops_cli.register]
+    return [sync_cli.register, ops_cli.register, status_cli.register]
 
 
 def main(argv: list[str] | None = None) -> int:

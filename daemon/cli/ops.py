@@ -7,6 +7,7 @@ could not be reached, 2 usage or settings error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -14,10 +15,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from daemon.cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, run_async, settings_from
+from daemon.cli.common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    add_config_option,
+    daemon_url,
+    http_url,
+    run_async,
+    settings_from,
+)
 from daemon.settings import NodeSettings, Settings
 
 if TYPE_CHECKING:
+    from daemon.ops import envcheck
     from daemon.ops.smoke import SmokePlan
 
 __all__ = ["register", "smoke_plan"]
@@ -29,10 +40,7 @@ def register(subparsers: Any) -> None:
     """Add the operator subcommands to ``olmd``'s subparsers."""
     for add in (_add_verify_env, _add_healthcheck, _add_smoke):
         parser = add(subparsers)
-        # SUPPRESS: without --config here, the top-level `olmd --config PATH` still counts.
-        parser.add_argument(
-            "--config", metavar="PATH", default=argparse.SUPPRESS, help="settings file"
-        )
+        add_config_option(parser)
 
 
 # ---------------------------------------------------------------- verify-env
@@ -105,16 +113,20 @@ def _cmd_verify_env(args: argparse.Namespace) -> int:
     if node is not None and args.output is None:
         path = path.with_name(f"{path.stem}-{node.name}{path.suffix}")
     command = "olmd verify-env" + (f" --node {node.name}" if node else "")
+    # This machine with nodes configured: their APIs, not services.ollama's host and port.
+    apis = list(settings.services.ollama.nodes) if node is None and not args.ollama_url else []
     try:
         report = run_async(
             envcheck.verify(
                 settings,
                 node=node,
-                ollama_url=args.ollama_url,
+                ollama_url=args.ollama_url or (apis[0].url if apis else None),
                 require_ollama=args.require_ollama,
                 command=command,
             )
         )
+        if len(apis) > 1:
+            report = run_async(_node_api_checks(report, settings, apis, args.require_ollama))
     except envcheck.EnvCheckError as exc:
         print(f"olmd: verify-env: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -130,6 +142,35 @@ def _cmd_verify_env(args: argparse.Namespace) -> int:
             )
         print(f"{report.status.upper()}: report written to {markdown} and {twin}")
     return EXIT_FAILURE if report.status is envcheck.Status.FAIL else EXIT_OK
+
+
+async def _node_api_checks(
+    report: envcheck.Report,
+    settings: Settings,
+    nodes: Sequence[NodeSettings],
+    require_ollama: bool,
+) -> envcheck.Report:
+    """``report`` with an Ollama API check (and a baseline models check) per node."""
+    from daemon.ops import envcheck
+    from daemon.ops.smoke import check_nodes
+
+    api_keys = ("ollama_api", "baseline_models")
+    results = await check_nodes(
+        [(n.name, n.url) for n in nodes], time_limit=settings.services.ollama.health_timeout
+    )
+    checks = [c for c in report.checks if c.key not in api_keys]
+    for node, result in zip(nodes, results, strict=True):
+        facts = dataclasses.replace(report.facts, ollama=result, ollama_url=node.url)
+        for check in envcheck.evaluate(
+            facts,
+            settings.report,
+            baseline=settings.services.ollama.baseline_models,
+            require_ollama=require_ollama,
+        ):
+            if check.key in api_keys:
+                key, name = f"{check.key}:{node.name}", f"{check.name} ({node.name})"
+                checks.append(dataclasses.replace(check, key=key, name=name))
+    return dataclasses.replace(report, checks=checks)
 
 
 # ---------------------------------------------------------------- healthcheck
@@ -237,17 +278,6 @@ def _add_smoke(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def _url(scheme: str, host: str, port: int) -> str:
-    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
-
-
-def _daemon_url(settings: Settings) -> str:
-    # A wildcard listen address is reached on loopback.
-    wildcard = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
-    host = wildcard.get(settings.server.host, settings.server.host)
-    return _url("http", host, settings.server.port)
-
-
 def smoke_plan(
     args: argparse.Namespace, settings: Settings, environ: Mapping[str, str]
 ) -> SmokePlan | str:
@@ -268,8 +298,8 @@ def smoke_plan(
         )
     keys = settings.api_keys
     return SmokePlan(
-        daemon_url=(args.daemon_url or _daemon_url(settings)) if prompt else None,
-        node_url=_url(args.ollama_scheme, host, port) if host else None,
+        daemon_url=(args.daemon_url or daemon_url(settings)) if prompt else None,
+        node_url=http_url(args.ollama_scheme, host, port) if host else None,
         prompt=prompt or DEFAULT_PROMPT,
         model=args.model or environ.get("SMOKE_TEST_MODEL") or None,
         preferred_models=tuple(settings.models()),

@@ -4,9 +4,9 @@ Exit codes as everywhere in olmd: 0 every action succeeded, 1 something failed o
 deferred (or another sync holds the lock, or the run was interrupted), 2 usage or settings
 error. SIGINT and SIGTERM stop the run as the window's close does: running pulls are
 recorded as deferred and the manifest is written, then the exit status is 1 (a second
-SIGINT aborts at once). On a terminal it
-shows a progress line while pulling and a summary table at the end; in a pipe it prints
-the result as JSON.
+SIGINT aborts at once). On a terminal it shows a live view while pulling (a line per
+running pull, one for the run; log lines above it, see :mod:`daemon.cli.live`) and a
+summary table at the end; in a pipe it prints the result as JSON, logs as JSON lines.
 """
 
 from __future__ import annotations
@@ -15,21 +15,29 @@ import argparse
 import asyncio
 import contextlib
 import json
-import shutil
 import signal
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any, TextIO
 
 from pydantic import ValidationError
 
-from daemon.cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, run_async, settings_from
+from daemon.cli.common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    add_config_option,
+    run_async,
+    settings_from,
+)
+from daemon.cli.live import LiveView, PullRates, live_view, sync_lines
 from daemon.settings import Settings
 from daemon.sync.engine import SyncEngine
-from daemon.sync.plan import SyncProgress, select_targets
-from daemon.sync.service import SyncBusy, SyncOptions, SyncResult, run_sync
+from daemon.sync.plan import SyncProgress, SyncResult, select_targets
+from daemon.sync.service import SyncBusy, SyncOptions, run_sync
 
-__all__ = ["progress_line", "register", "summary_table"]
+__all__ = ["register", "summary_table"]
 
 _REDRAW_SECONDS = 0.25
 _NOTE_WIDTH = 80
@@ -73,8 +81,7 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="pull even outside the allowed download window (for a person at the console)",
     )
-    # SUPPRESS: without --config here, the top-level `olmd --config PATH` still counts.
-    add("--config", metavar="PATH", default=argparse.SUPPRESS, help="settings file")
+    add_config_option(parser)
     parser.set_defaults(func=_cmd_sync)
 
 
@@ -142,62 +149,35 @@ async def _run(
                 return  # not the main thread (tests), or no signals here: defaults stay
             installed.append(sig)
 
-    if screen is not None:
-        painter = asyncio.create_task(_paint(progress, screen))
-    try:
-        result = await run_sync(settings, options, progress=progress, on_engine=hook)
-        return result, interrupted
-    finally:
-        unhook()
-        if painter is not None:
-            painter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await painter
-            screen_clear(screen)
+    with contextlib.ExitStack() as stack:
+        if screen is not None:
+            view = stack.enter_context(live_view(screen))
+            painter = asyncio.create_task(_paint(progress, view))
+        try:
+            result = await run_sync(settings, options, progress=progress, on_engine=hook)
+            return result, interrupted
+        finally:
+            unhook()
+            if painter is not None:
+                painter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await painter
 
 
-async def _paint(progress: SyncProgress, screen: TextIO) -> None:
+async def _paint(progress: SyncProgress, view: LiveView) -> None:
+    rates, started = PullRates(), time.monotonic()
+    fancy = "utf" in (view.screen.encoding or "").lower()
     while True:
-        width = shutil.get_terminal_size().columns - 1
-        line = progress_line(progress.snapshot())
-        screen.write("\r\x1b[K" + line[:width])
-        screen.flush()
+        view.show(sync_lines(progress.snapshot(), rates, time.monotonic() - started, fancy=fancy))
         await asyncio.sleep(_REDRAW_SECONDS)
-
-
-def screen_clear(screen: TextIO | None) -> None:
-    if screen is not None:
-        screen.write("\r\x1b[K")
-        screen.flush()
-
-
-def progress_line(snapshot: dict[str, Any]) -> str:
-    """One line for the terminal: pulls done out of planned, then each active pull."""
-    items = [
-        (node, model, item)
-        for node, models in snapshot.get("nodes", {}).items()
-        for model, item in models.items()
-        if item.get("action") == "pull"
-    ]
-    done = sum(1 for _, _, item in items if item.get("state") == "done")
-    parts = [f"sync {snapshot.get('phase', '')}: {done}/{len(items)} pulls done"]
-    for node, model, item in items:
-        state = item.get("state")
-        if state == "pulling":
-            completed, total = item.get("completed", 0), item.get("total", 0)
-            amount = f"{completed * 100 // total}% {_human(completed)}/{_human(total)}"
-            parts.append(f"{node} {model} {amount if total else item.get('status', '')}")
-        elif state == "waiting":
-            parts.append(f"{node} {model} waiting to retry")
-    return " · ".join(parts)
 
 
 def summary_table(result: SyncResult) -> str:
     """The run as a table for people, with a closing line on what was written."""
     if result.options.dry_run:
-        plan = [(p.node, p.model, p.action, p.reason) for p in result.plan]
+        plan = [(p.node, p.model, p.kind, p.reason) for p in result.plan]
         lines = _table(("NODE", "MODEL", "ACTION", "REASON"), plan)
-        return "\n".join([*lines, "", "dry run: nothing was pulled or written"])
+        return "\n".join([*lines, "", _planned(result), "dry run: nothing was pulled or written"])
     digests = {
         (node.name, entry.name): entry.digest
         for node in (result.manifest.nodes if result.manifest else [])
@@ -241,13 +221,18 @@ def _clip(text: str) -> str:
     return text if len(text) <= _NOTE_WIDTH else text[: _NOTE_WIDTH - 1] + "…"
 
 
-def _human(count: int) -> str:
-    # Decimal units, as Ollama prints sizes.
-    if count < 1000:
-        return f"{count} B"
-    size = float(count)
-    for unit in ("KB", "MB", "GB"):
-        size /= 1000
-        if size < 1000:
-            return f"{size:.1f} {unit}"
-    return f"{size / 1000:.1f} TB"
+def _planned(result: SyncResult) -> str:
+    kinds = [p.kind for p in result.plan]
+    words = {
+        "missing": ("pull of a missing model", "pulls of missing models"),
+        "refresh": ("refresh of a model present", "refreshes of models present"),
+        "skip": ("skip", "skips"),
+        "check": ("check", "checks"),
+        "unreachable": ("unreachable", "unreachable"),
+    }
+    parts = [
+        f"{n} {one if n == 1 else many}"
+        for kind, (one, many) in words.items()
+        if (n := kinds.count(kind))
+    ]
+    return f"planned: {', '.join(parts) or 'nothing'}"

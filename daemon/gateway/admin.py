@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from pydantic import ValidationError
@@ -22,20 +23,28 @@ def _gateway(request: web.Request) -> Gateway:
     return request.app[GATEWAY]
 
 
-async def list_nodes(request: web.Request) -> web.Response:
-    gateway = _gateway(request)
+def nodes_view(app: web.Application) -> dict[str, Any]:
+    """The fleet as ``GET /admin/nodes`` shows it (the status page shows the same)."""
+    gateway = app[GATEWAY]
     now = time.monotonic()
     nodes = [
         gateway.fleet.describe(node, now) | gateway.router.describe(node) for node in gateway.fleet
     ]
-    return web.json_response(
-        {
-            "nodes": nodes,
-            "panic": gateway.fleet.panic,
-            "queued": gateway.router.queued,
-            "strategy": gateway.router.routing.strategy,
-        }
-    )
+    return {
+        "nodes": nodes,
+        "panic": gateway.fleet.panic,
+        "queued": gateway.router.queued,
+        "strategy": gateway.router.routing.strategy,
+    }
+
+
+def sync_view(app: web.Application) -> dict[str, Any] | None:
+    """``GET /admin/sync``'s answer; None where the daemon runs no sync service."""
+    return app[SYNC].status() if SYNC in app else None
+
+
+async def list_nodes(request: web.Request) -> web.Response:
+    return web.json_response(nodes_view(request.app))
 
 
 async def _set_draining(request: web.Request, draining: bool) -> web.Response:
@@ -72,7 +81,10 @@ async def start_sync(request: web.Request) -> web.Response:
 
 
 async def sync_status(request: web.Request) -> web.Response:
-    return web.json_response(request.app[SYNC].status())
+    view = sync_view(request.app)
+    if view is None:
+        return web.json_response({"error": "this daemon runs no model sync"}, status=404)
+    return web.json_response(view)
 
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]

@@ -1,13 +1,18 @@
 """Answers olmd gives from the fleet's own view, without forwarding: the merged model
-lists (``/api/tags``, ``/api/ps``, ``/v1/models``), ``/api/version`` and ``GET /``.
+lists (``/api/tags``, ``/api/ps``, ``/v1/models``, ``/v1/models/{model}``),
+``/api/version`` and ``GET /``.
 
-Merged lists hold each model once, from the healthy nodes' last probes, with the names
-of the nodes that hold it in an extra ``nodes`` field (clients ignore unknown fields).
+Merged lists hold each model once, with the names of the nodes that hold it in an extra
+``nodes`` field (clients ignore unknown fields). They list what the nodes that answer
+serve: a node counts while its last probe succeeded and it is not draining, whatever its
+routing state (a cooling node is back within seconds). Panic routing, which sends requests
+to doubtful nodes rather than refuse them, does not make their models count. With no node
+answering the lists are empty (200: an inventory can be empty) and ``/api/version`` is a
+503, as a client's "is Ollama there?" check should fail then.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -15,12 +20,22 @@ from typing import Any
 from aiohttp import web
 
 from daemon import __version__
-from daemon.domain import select_routable
-from daemon.gateway.fleet import Fleet, Node
+from daemon.gateway.fleet import Fleet, Node, model_key
+from daemon.gateway.wire import json_error, openai_error
+
+
+def answering(node: Node) -> bool:
+    """Whether ``node`` answered its last probe and takes new requests (as
+    ``Fleet.answering`` counts nodes for readiness)."""
+    return (
+        node.probed_at is not None
+        and node.health.probe_failures == 0
+        and not (node.health.draining)
+    )
 
 
 def _live_nodes(fleet: Fleet) -> list[Node]:
-    return list(select_routable(list(fleet), time.monotonic(), fleet.policy).nodes)
+    return [node for node in fleet if answering(node)]
 
 
 def merged(
@@ -52,25 +67,43 @@ def _created(entry: dict[str, Any]) -> int:
         return 0
 
 
+def _model_object(entry: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": entry.get("name") or entry.get("model"),
+        "object": "model",
+        "created": _created(entry),
+        "owned_by": "library",
+    }
+
+
 def openai_models(fleet: Fleet) -> dict[str, Any]:
-    data = [
-        {
-            "id": entry.get("name") or entry.get("model"),
-            "object": "model",
-            "created": _created(entry),
-            "owned_by": "library",
-        }
-        for entry in merged(fleet, lambda n: n.models)
-    ]
+    data = [_model_object(entry) for entry in merged(fleet, lambda n: n.models)]
     return {"object": "list", "data": data}
 
 
-def version(fleet: Fleet) -> dict[str, Any]:
-    """``version`` is the oldest node's, so a client's feature check holds on every node."""
-    nodes = {node.name: node.version for node in fleet}
+def openai_model(fleet: Fleet, name: str) -> web.Response:
+    """``GET /v1/models/{model}`` (``openai``'s ``models.retrieve``): the model as the
+    list shows it, under the name asked for, or OpenAI's 404."""
+    missing = openai_error(404, f"The model '{name}' does not exist")
+    try:
+        key = model_key(name)
+    except ValueError:
+        return missing
+    for entry in merged(fleet, lambda n: n.models):
+        if model_key(str(entry.get("name") or entry.get("model"))) == key:
+            return web.json_response({**_model_object(entry), "id": name})
+    return missing
+
+
+def version(fleet: Fleet) -> web.Response:
+    """``version`` is the oldest answering node's, so a client's feature check holds on
+    every node that can serve it; 503 while no node answers."""
+    nodes = {node.name: node.version for node in _live_nodes(fleet)}
     known = [v for v in nodes.values() if v]
-    oldest = min(known, key=_version_key) if known else __version__
-    return {"version": oldest, "olmd": __version__, "nodes": nodes}
+    if not known:
+        return json_error(503, "no Ollama node answers", **{"Retry-After": "5"})
+    oldest = min(known, key=_version_key)
+    return web.json_response({"version": oldest, "olmd": __version__, "nodes": nodes})
 
 
 def _version_key(text: str) -> tuple[int, ...]:

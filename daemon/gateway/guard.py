@@ -4,22 +4,38 @@ Routes are judged on the normalised path (percent-decoding repeated, backslashes
 ``.`` and ``..`` resolved, case folded), so ``//api/pull``, ``/api/./pull`` or
 ``/api%2Fpull`` are refused like ``/api/pull``. Keys are compared in constant time and
 never logged; the client's ``Authorization`` is never forwarded (see proxy.HOP_BY_HOP).
+Refusals under ``/v1`` come in OpenAI's error shape, the others in Ollama's.
+
+The status page (``/ui``) takes the admin token, as a Bearer header or as the session
+cookie ``/ui/login`` sets after checking it; with no admin token set it answers clients
+on loopback only. The cookie is not the token: it is an expiry time and an HMAC of it
+keyed by the token, so changing the token ends every session, and it is sent only to
+``/ui`` (``Path=/ui``, ``HttpOnly``, ``SameSite=Strict``). It opens nothing but the page
+and its read-only JSON; ``/admin`` still takes the Bearer token only.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import hmac
+import ipaddress
 import posixpath
 import re
+import time
 from urllib.parse import unquote
 
 from aiohttp import web
 
+from daemon.gateway.wire import json_error, openai_error
 from daemon.runtime import RUNTIME, Runtime
 
 MANAGEMENT = frozenset({"/api/pull", "/api/push", "/api/create", "/api/delete", "/api/copy"})
 OPEN = frozenset({"/", "/healthz", "/readyz", "/metrics"})
+UI_LOGIN = "/ui/login"
+UI_OPEN = frozenset({UI_LOGIN, "/ui/logout"})  # they check (or drop) the token themselves
+UI_COOKIE = "olmd_ui"
+UI_SESSION_SECONDS = 12 * 3600
 _SLASHES = re.compile(r"/+")
 
 
@@ -56,13 +72,74 @@ def _matches(token: bytes | None, secrets: tuple[bytes, ...]) -> bool:
     return found
 
 
-def _error(status: int, message: str, **headers: str) -> web.Response:
-    return web.json_response({"error": message}, status=status, headers=headers)
+def is_openai(path: str) -> bool:
+    """Whether errors on this (normalised) path take OpenAI's shape."""
+    return path == "/v1" or path.startswith("/v1/")
+
+
+def is_ui(path: str) -> bool:
+    return path == "/ui" or path.startswith("/ui/")
 
 
 def is_admin(request: web.Request) -> bool:
     admin = request.app[RUNTIME].admin_token
     return admin is not None and _matches(_bearer(request), (admin,))
+
+
+def is_loopback(request: web.Request) -> bool:
+    try:
+        address = ipaddress.ip_address(request.remote or "")
+    except ValueError:
+        return False  # a Unix socket or no peer: not provably this machine
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def _session_mac(token: bytes, expires: str) -> str:
+    return hmac.new(token, f"olmd-ui:{expires}".encode(), hashlib.sha256).hexdigest()
+
+
+def ui_session(token: bytes, now: float | None = None) -> str:
+    """A session cookie value for the status page, valid for ``UI_SESSION_SECONDS``."""
+    expires = str(int(now if now is not None else time.time()) + UI_SESSION_SECONDS)
+    return f"{expires}.{_session_mac(token, expires)}"
+
+
+def _session_valid(value: str, token: bytes, now: float) -> bool:
+    expires, _, mac = value.partition(".")
+    if not expires.isdigit() or int(expires) < now:
+        return False
+    return hmac.compare_digest(mac.encode(), _session_mac(token, expires).encode())
+
+
+def token_matches(candidate: str, runtime: Runtime) -> bool:
+    """Whether ``candidate`` is the admin token (constant time)."""
+    token = runtime.admin_token
+    return token is not None and _matches(candidate.strip().encode() or None, (token,))
+
+
+def ui_allowed(request: web.Request, runtime: Runtime) -> bool:
+    """Whether ``request`` may see the status page."""
+    token = runtime.admin_token
+    if token is None:
+        return is_loopback(request)
+    if _matches(_bearer(request), (token,)):
+        return True
+    cookie = request.cookies.get(UI_COOKIE)
+    return cookie is not None and _session_valid(cookie, token, time.time())
+
+
+def _ui_refusal(request: web.Request, runtime: Runtime) -> web.Response:
+    if runtime.admin_token is None:
+        return json_error(
+            403, "the status page answers on loopback only while OLMD_ADMIN_TOKEN is unset"
+        )
+    if request.method in ("GET", "HEAD") and normalise(request.rel_url.raw_path) == "/ui":
+        # A person at a browser: to the login form (a ?token= goes along, to be checked).
+        query = f"?{request.query_string}" if request.query_string else ""
+        return web.Response(status=303, headers={"Location": f"{UI_LOGIN}{query}"})
+    return json_error(401, f"the status page needs the admin token: log in at {UI_LOGIN}")
 
 
 def check(request: web.Request, runtime: Runtime) -> web.Response | None:
@@ -76,30 +153,50 @@ def check(request: web.Request, runtime: Runtime) -> web.Response | None:
         paths.add(resource.canonical.lower())
     if paths <= OPEN:
         return None
+    error = openai_error if any(is_openai(p) for p in paths) else json_error
     if any(is_management(p) or p == "/admin" or p.startswith("/admin/") for p in paths):
         if runtime.admin_token is None:
-            return _error(403, "model management and /admin are disabled: set OLMD_ADMIN_TOKEN")
+            return error(403, "model management and /admin are disabled: set OLMD_ADMIN_TOKEN")
         if not _matches(_bearer(request), (runtime.admin_token,)):
-            return _error(403, "this route needs the admin token")
+            return error(403, "this route needs the admin token")
         return None
+    if any(is_ui(p) for p in paths):
+        if not all(is_ui(p) for p in paths):  # read one way a page, the other way not
+            return error(400, "ambiguous path")
+        if paths <= UI_OPEN or ui_allowed(request, runtime):
+            return None
+        return _ui_refusal(request, runtime)
     keys = runtime.api_keys
     if keys:
         token = _bearer(request)
         admin = (runtime.admin_token,) if runtime.admin_token is not None else ()
         if not (_matches(token, keys) or _matches(token, admin)):
-            return _error(
+            return error(
                 401, "missing or invalid API key", **{"WWW-Authenticate": 'Bearer realm="olmd"'}
             )
     return None
+
+
+def _http_error(exc: web.HTTPException, runtime: Runtime) -> tuple[str, dict[str, str]]:
+    message = exc.reason.lower()
+    if exc.status == 413:
+        limit = runtime.server.max_body_bytes
+        message = f"request body larger than the limit of {limit} bytes"
+    headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+    return message, headers
 
 
 def as_json(exc: web.HTTPException, runtime: Runtime) -> web.Response | None:
     """Ollama's error shape for an error aiohttp raised itself (404, 405, 413, ...)."""
     if exc.status < 400 or exc.content_type == "application/json":
         return None
-    message = exc.reason.lower()
-    if exc.status == 413:
-        limit = runtime.server.max_body_bytes
-        message = f"request body larger than the limit of {limit} bytes"
-    headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
-    return _error(exc.status, message, **headers)
+    message, headers = _http_error(exc, runtime)
+    return json_error(exc.status, message, **headers)
+
+
+def as_openai(exc: web.HTTPException, runtime: Runtime) -> web.Response | None:
+    """OpenAI's error shape for an error aiohttp raised itself, for routes under ``/v1``."""
+    if exc.status < 400:
+        return None
+    message, headers = _http_error(exc, runtime)
+    return openai_error(exc.status, message, **headers)

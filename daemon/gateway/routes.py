@@ -7,11 +7,12 @@ from typing import Any
 
 from aiohttp import web
 
-from daemon.gateway import admin, catalog
+from daemon.gateway import admin, catalog, ui
 from daemon.gateway.component import GATEWAY
-from daemon.gateway.guard import is_admin
+from daemon.gateway.guard import as_openai, is_admin
 from daemon.gateway.proxy import Endpoint
-from daemon.gateway.wire import json_error
+from daemon.gateway.wire import json_error, openai_error
+from daemon.runtime import RUNTIME
 
 ENDPOINTS = (
     Endpoint("/api/generate", "/api/generate", streams=True),
@@ -35,14 +36,48 @@ def _forwarder(endpoint: Endpoint) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
         return await request.app[GATEWAY].proxy.forward(request, endpoint)
 
-    return handler
+    if not endpoint.openai:
+        return handler
+
+    async def openai_handler(request: web.Request) -> web.StreamResponse:
+        # aiohttp's own errors (413 from reading the body) in OpenAI's shape; a try costs
+        # nothing until something raises.
+        try:
+            return await request.app[GATEWAY].proxy.forward(request, endpoint)
+        except web.HTTPException as exc:
+            reply = as_openai(exc, request.app[RUNTIME])
+            if reply is None:
+                raise
+            return reply
+
+    return openai_handler
 
 
-def _view(build: Callable[[Any], dict[str, Any]]) -> Handler:
+def _view(build: Callable[[Any], dict[str, Any] | web.Response]) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
-        return web.json_response(build(request.app[GATEWAY].fleet))
+        answer = build(request.app[GATEWAY].fleet)
+        return answer if isinstance(answer, web.Response) else web.json_response(answer)
 
     return handler
+
+
+async def _openai_model(request: web.Request) -> web.StreamResponse:
+    return catalog.openai_model(request.app[GATEWAY].fleet, request.match_info["model"])
+
+
+async def _openai_fallback(request: web.Request) -> web.StreamResponse:
+    """Any other request under ``/v1``: OpenAI's 404, or 405 naming the allowed methods
+    when the path exists (aiohttp would answer both in its own shape)."""
+    allowed: set[str] = set()
+    own = request.match_info.route.resource
+    for resource in request.app.router.resources():
+        if resource is not own:
+            match, methods = await resource.resolve(request)
+            allowed |= methods if match is None else set()
+    if allowed:
+        message = f"method {request.method} not allowed on {request.path}"
+        return openai_error(405, message, Allow=", ".join(sorted(allowed)))
+    return openai_error(404, f"no route {request.path}")
 
 
 async def _management(request: web.Request) -> web.StreamResponse:
@@ -65,10 +100,15 @@ def add_routes(app: web.Application) -> None:
     router.add_get("/api/tags", _view(catalog.tags))
     router.add_get("/api/ps", _view(catalog.ps))
     router.add_get("/v1/models", _view(catalog.openai_models))
+    # .+ : a model name may hold slashes (namespace/model, host/namespace/model).
+    router.add_get("/v1/models/{model:.+}", _openai_model)
     for endpoint in ENDPOINTS:
         router.add_post(endpoint.path, _forwarder(endpoint))
+    router.add_route("*", "/v1", _openai_fallback)
+    router.add_route("*", "/v1/{tail:.*}", _openai_fallback)
     for path in ("/api/pull", "/api/push", "/api/create", "/api/copy"):
         router.add_post(path, _management)
     router.add_delete("/api/delete", _management)
     router.add_route("*", "/api/blobs/{digest}", _management)
     admin.add_routes(app)
+    ui.add_routes(app)

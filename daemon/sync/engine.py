@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -40,7 +41,7 @@ from daemon.sync.run_manifest import write_run_manifest
 from daemon.sync.state import read_state, state_path, write_state
 from daemon.sync.watchdog import watch_pull
 
-__all__ = ["Backoff", "Clock", "Now", "SyncEngine", "TransportFactory", "utcnow"]
+__all__ = ["Backoff", "Clock", "Now", "SyncEngine", "TransportFactory", "never_found", "utcnow"]
 
 log = get_logger("olmd.sync")
 
@@ -52,6 +53,20 @@ TransportFactory = Callable[[str], PullTransport]
 """A transport for a name from settings ("http", "ssh"); default: the plugin registry."""
 
 _BACKOFF_CAP = 900.0  # growing waits stop growing at 15 minutes
+
+# What a registry says of a name it does not have. Ollama turns the registry's 404 into
+# os.ErrNotExist: "pull model manifest: file does not exist" (HTTP stream or `ollama pull`
+# over SSH alike); other registries say "manifest unknown" or "... not found". A shell's
+# "command not found" is not about the model.
+_NOT_FOUND = re.compile(
+    r"file does not exist|manifest unknown|(?<!command )\bnot found\b", re.IGNORECASE
+)
+
+
+def never_found(message: str) -> bool:
+    """Whether a pull failed because the registry does not have the model: retrying
+    cannot help, whatever the transport thought."""
+    return _NOT_FOUND.search(message) is not None
 
 
 def utcnow() -> datetime:
@@ -243,8 +258,11 @@ class SyncEngine:
     async def _pull(
         self, o: Outcome, target: Target, transport: PullTransport, slots: asyncio.Semaphore
     ) -> None:
-        """Every attempt at one pull. Leaves ``o.status`` None when cut short (deferred)."""
-        started = self._clock()
+        """Every attempt at one pull. Leaves ``o.status`` None when cut short (deferred).
+
+        ``o.seconds`` counts from the start of the first attempt, not from the wait for a
+        free slot before it: the summary shows how long the pull itself took."""
+        started: float | None = None
         attempts = self.settings.services.ollama.download.retry.max_attempts
         try:
             ModelRef.parse(o.model)
@@ -261,13 +279,15 @@ class SyncEngine:
                         self._finish(o, "failed", fatal)
                         return
                     o.attempts = attempt
+                    if started is None:
+                        started = self._clock()
                     error = await self._attempt(o, target, transport)
                 if error is None:
                     self._finish(o, "pulled", None)
                     return
                 if error.node_fatal:
                     self._node_fatal[target.name] = str(error)
-                if not error.retryable or attempt == attempts:
+                if not error.retryable or attempt == attempts or never_found(str(error)):
                     self._finish(o, "failed", str(error))
                     return
                 wait = self._backoff(attempt)
@@ -286,7 +306,7 @@ class SyncEngine:
                 self.progress.update(o.node, o.model, state="waiting", error=o.error)
                 await asyncio.sleep(wait)
         finally:
-            o.seconds = self._clock() - started
+            o.seconds = 0.0 if started is None else self._clock() - started
 
     async def _attempt(
         self, o: Outcome, target: Target, transport: PullTransport

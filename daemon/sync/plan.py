@@ -147,6 +147,14 @@ class PlannedAction:
     present: bool = False
     """Whether the node listed the model when the plan was made."""
 
+    @property
+    def kind(self) -> str:
+        """A pull's kind, "refresh" (of a model the node holds) or "missing"; else the
+        action itself."""
+        if self.action != "pull":
+            return self.action
+        return "refresh" if self.present else "missing"
+
 
 def build_plan(
     targets: Iterable[Target],
@@ -170,7 +178,7 @@ def build_plan(
                 action, reason = "skip", f"present ({_short(held.digest)})"
             else:
                 action = "pull"
-                reason = f"refresh ({_short(held.digest)})" if held else "missing"
+                reason = f"refresh: present as {_short(held.digest)}" if held else "not on the node"
             plan.append(PlannedAction(node.name, model, action, reason, held is not None))
     return plan
 
@@ -252,7 +260,7 @@ class SyncResult:
             "counts": self.counts(),
             "manifest_path": str(self.manifest_path) if self.manifest_path else None,
             "drift": [d.model_dump() for d in self.manifest.drift] if self.manifest else [],
-            "plan": [asdict(p) for p in self.plan],
+            "plan": [asdict(p) | {"kind": p.kind} for p in self.plan],
             "outcomes": [asdict(o) for o in self.outcomes],
         }
 

@@ -28,6 +28,7 @@ from daemon.sync.engine import Backoff, Clock, Now, SyncEngine, TransportFactory
 from daemon.sync.plan import SyncOptions, SyncProgress, SyncResult, select_targets
 from daemon.sync.scheduler import SyncScheduler
 from daemon.sync.state import SyncBusy, SyncLock, SyncState, lock_path, read_state, state_path
+from daemon.sync.status import ManifestSummary, NextRun, schedule_status
 
 __all__ = [
     "SYNC",
@@ -113,6 +114,9 @@ class SyncService:
         self._trigger: str | None = None
         self._last: SyncResult | None = None
         self._last_error: str | None = None
+        self._manifest = ManifestSummary()
+        self.next_run: NextRun | None = None
+        """When the nightly job fires next; the scheduler's, set by ``sync_component``."""
         if metrics is not None:
             state = self.state()
             metrics.restore(
@@ -178,7 +182,9 @@ class SyncService:
         return self._last
 
     def status(self) -> dict[str, Any]:
-        """JSON-compatible: whether a run is going, its progress, and the last result."""
+        """JSON-compatible: whether a run is going, its progress, the last result (of
+        this daemon) and last run (the state file: any process), the schedule and the
+        window, and a summary of the manifest on disk."""
         engine = self._engine
         state = self.state()
         return {
@@ -189,6 +195,8 @@ class SyncService:
             "last_result": self._last.to_dict() if self._last else None,
             "last_error": self._last_error,
             "state": state.model_dump(mode="json"),
+            "schedule": schedule_status(self.settings, self._now(), self.next_run),
+            "manifest": self._manifest.read(self.settings.jobs.ollama_sync.manifest_path),
         }
 
     async def reload(self, settings: Settings) -> None:
@@ -235,6 +243,7 @@ async def sync_component(app: web.Application) -> AsyncIterator[None]:
         scheduler.reload(settings)
 
     scheduler.start()
+    service.next_run = scheduler.next_run_time
     runtime.on_reload.append(reload)
     runtime.liveness.append(scheduler.alive)
     try:
@@ -242,5 +251,6 @@ async def sync_component(app: web.Application) -> AsyncIterator[None]:
     finally:
         runtime.liveness.remove(scheduler.alive)
         runtime.on_reload.remove(reload)
+        service.next_run = None
         await scheduler.shutdown()
         await service.stop()

@@ -221,6 +221,79 @@ async def test_a_model_the_registry_lacks_fails_without_hiding_the_others(tmp_pa
     assert outcome[("a", "mistral-nemo:12b")].status == "pulled"
 
 
+async def test_a_model_the_registry_lacks_is_not_retried(tmp_path):
+    # The real backoff (20 s, doubling): a retry would take far longer than this test may.
+    config = EmulatorConfig(models=[], unavailable=["ghost:1b"], **SMALL_PULL)
+    async with Emulator(config) as emu:
+        settings = make_settings(
+            tmp_path, [("a", emu)], models=["ghost:1b"], fallback=[],
+            download={"retry": {"max_attempts": 3, "backoff_seconds": 20}},
+        )  # fmt: skip
+        started = time.monotonic()
+        with capture_logs() as logs:
+            result = await run_sync(settings, SyncOptions(), now=FakeNow(IN_WINDOW))
+        assert time.monotonic() - started < 5
+    (outcome,) = result.outcomes
+    assert (outcome.status, outcome.attempts) == ("failed", 1)
+    assert "pull model manifest: file does not exist" in str(outcome.error)
+    assert not [e for e in logs if e["event"] == "sync.pull_retry"]
+
+
+@pytest.mark.parametrize(
+    ("message", "final"),
+    [
+        ("a: Ollama reported: pull model manifest: file does not exist", True),
+        ("gpu-a (10.0.0.5:22): ollama pull failed: pull model manifest: file does not exist",
+         True),
+        ("a: /api/pull answered HTTP 404: model 'x' not found", True),
+        ("a: Ollama reported: manifest unknown", True),
+        ("a: Ollama reported: max retries exceeded: unexpected EOF", False),
+        ("a: cannot connect to http://10.0.0.5:11434: Connection refused", False),
+        ("gpu-a: ollama pull failed: bash: line 1: ollama: command not found", False),
+        ("a: no progress for 600 s; pull cancelled", False),
+    ],
+)  # fmt: skip
+def test_which_pull_errors_are_final(message: str, final: bool) -> None:
+    assert sync_engine.never_found(message) is final
+
+
+async def test_seconds_count_from_the_pull_not_from_the_wait_for_a_slot(tmp_path):
+    config = EmulatorConfig(models=[], pull_size=200_000, pull_speed=1_000_000)
+    async with Emulator(config) as emu:
+        settings = make_settings(
+            tmp_path, [("a", emu)], models=["m1:1b", "m2:1b", "m3:1b"], fallback=[],
+            download={"max_parallel_jobs": 1},
+        )  # fmt: skip
+        result = await run_sync(settings, SyncOptions(), now=FakeNow(IN_WINDOW))
+    assert result.ok
+    # Each pull takes about 0.2 s; the last one waited 0.4 s for its slot before that.
+    assert all(0.1 < o.seconds < 0.35 for o in result.outcomes), result.outcomes
+
+
+async def test_a_dry_run_tells_refreshes_from_missing_models(nodes, tmp_path):
+    a, b = nodes
+    settings = make_settings(tmp_path, [("a", a), ("b", b)], fallback=[])
+    result = await run_sync(settings, SyncOptions(dry_run=True), now=FakeNow(IN_WINDOW))
+    kinds = {(p.node, p.model): p.kind for p in result.plan}
+    assert kinds == {
+        ("a", "llama3.1:8b"): "refresh",
+        ("b", "llama3.1:8b"): "refresh",
+        ("a", "qwen3:8b"): "missing",
+        ("b", "qwen3:8b"): "refresh",
+    }
+    assert result.to_dict()["plan"][0]["kind"] == "refresh"
+    table = sync_cli.summary_table(result).splitlines()
+    assert table[0].split() == ["NODE", "MODEL", "ACTION", "REASON"]
+    assert any(
+        line.split() == ["a", "qwen3:8b", "missing", "not", "on", "the", "node"] for line in table
+    )
+    assert any(
+        line.split()[:5] == ["b", "qwen3:8b", "refresh", "refresh:", "present"] for line in table
+    )
+    assert table[-2] == "planned: 1 pull of a missing model, 3 refreshes of models present"
+    assert table[-1] == "dry run: nothing was pulled or written"
+
+
 async def test_a_stalled_pull_is_cancelled_and_retried(tmp_path):
     fault = {"fault": "stall", "fault_routes": ["/api/pull"], "fault_count": 1}
     async with Emulator(EmulatorConfig(models=[], **SMALL_PULL, **fault)) as emu:

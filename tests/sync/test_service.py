@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from daemon.cli import sync as sync_cli
+from daemon.cli.live import PullRates, sync_lines
 from daemon.emulator.server import Emulator, EmulatorConfig
 from daemon.metrics import SyncMetrics
 from daemon.settings import Settings
@@ -182,7 +183,7 @@ async def test_cli_exit_codes_and_json_in_a_pipe(nodes, tmp_path, capsys):
     assert (out["ok"], out["counts"]) == (False, {"planned": 6, "failed": 3})
 
 
-def test_summary_table_and_progress_line():
+def test_the_live_view_lines():
     snapshot = {
         "phase": "pulling",
         "nodes": {
@@ -190,17 +191,27 @@ def test_summary_table_and_progress_line():
                 "llama3.1:8b": {"action": "pull", "state": "pulling", "status": "pulling 8eeb",
                                 "completed": 1_200_000_000, "total": 4_700_000_000},
                 "qwen3:8b": {"action": "pull", "state": "done", "result": "pulled"},
+                "qwen3:4b": {"action": "pull", "state": "queued"},
             },
-            "b": {"llama3.1:8b": {"action": "pull", "state": "waiting"}},
+            "b": {"llama3.1:8b": {"action": "pull", "state": "waiting", "attempt": 1,
+                                  "error": "b: HTTP 500"}},
         },
     }  # fmt: skip
-    line = sync_cli.progress_line(snapshot)
-    assert line.startswith("sync pulling: 1/3 pulls done")
-    assert "a llama3.1:8b 25% 1.2 GB/4.7 GB" in line
-    assert "b llama3.1:8b waiting to retry" in line
-    assert sync_cli.progress_line({"phase": "inventory", "nodes": {}}) == (
-        "sync inventory: 0/0 pulls done"
+    now = [100.0]
+    rates = PullRates(clock=lambda: now[0])
+    sync_lines(snapshot, rates, 3.0)
+    now[0] += 2
+    snapshot["nodes"]["a"]["llama3.1:8b"]["completed"] = 1_300_000_000
+    pulling, waiting, run = sync_lines(snapshot, rates, 5.0)
+    assert pulling.startswith("pulling a llama3.1:8b   27% ▕█████")
+    assert "1.3 GB/4.7 GB" in pulling and "50.0 MB/s" in pulling and "1m08s left" in pulling
+    assert waiting == "retry   b llama3.1:8b  after attempt 1: b: HTTP 500"
+    assert run == (
+        "sync pulling · 1/4 pulls done · 1 waiting for a slot · 1.3 GB/4.7 GB · 50.0 MB/s · 5s"
     )
+    assert sync_lines({"phase": "inventory", "nodes": {}}, rates, 0.4, fancy=False) == [
+        "sync inventory · 0/0 pulls done · 0s"
+    ]
     assert SyncProgress().snapshot() == {"phase": "starting", "nodes": {}}
 
 
