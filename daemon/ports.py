@@ -108,6 +108,11 @@ class Candidate(Generic[NodeT]):
     pinned: bool  # the request's session was served here last
     room: bool = True  # a request sent now starts without waiting in olmd
     waiting: int = 0  # requests already waiting in olmd for a slot on this node
+    # The node's slots probably hold this very conversation (its cached prefix reaches
+    # past the conversation's first message, not just a system prompt others share).
+    has_conversation: bool = False
+    held: int = 0  # conversations routing believes the node's slots hold for the model
+    capacity: int = 0  # how many it can hold (0: unknown)
 
 
 @dataclass(frozen=True, slots=True)

@@ -97,6 +97,11 @@ class PrefixIndex:
             for chain in shelf.entries.values():
                 self._forget(owners, node, chain)
 
+    def held(self, node: str, model: str) -> int:
+        """Entries held for ``node`` and ``model``."""
+        shelf = self._shelves.get((node, model))
+        return len(shelf.entries) if shelf is not None else 0
+
     def conversations(self, node: str) -> int:
         """Entries held for ``node``, all models: roughly the conversations it serves."""
         return sum(len(s.entries) for (n, _), s in self._shelves.items() if n == node)

@@ -192,7 +192,9 @@ class Router:
                 session=request.session,
             )
             if prompt.hashes:
-                self.index.touch(choice.node.name, key, prompt.hashes)
+                # The node's slot holds this prompt from now on (once evaluated): say so
+                # at once, so that conversations placed meanwhile see the node filling.
+                self.index.record(choice.node.name, key, prompt.hashes, self.slots(choice.node))
         elif free:
             node = balancer.choose(free)
             route = Route(node, key, self.routing.strategy, expected_cold=not node.has_loaded(key))
@@ -210,6 +212,8 @@ class Router:
         key, rates = request.model, self.rates
         matched = self.index.cached(key, prompt.hashes, (n.name for n in nodes))
         pinned = self.sessions.get(request.session) if request.session else None
+        # How many segments a prefix must cover to include the conversation's own start.
+        own = prompt.hashes.index(prompt.conversation) + 1 if prompt.conversation else 0
         out = []
         for n in nodes:
             segments = matched.get(n.name, 0)
@@ -222,9 +226,12 @@ class Router:
                     seconds_per_prompt_token=rates.seconds_per_prompt_token(n.name, key),
                     service_seconds=rates.service_seconds(n.name, key),
                     cached_tokens=prompt.tokens[segments - 1] if segments else 0,
+                    has_conversation=bool(own) and segments >= own,
                     pinned=n.name == pinned,
                     room=self._has_room(n, key),
                     waiting=self._waiting_for.get(n.name, 0),
+                    held=self.index.held(n.name, key),
+                    capacity=self.slots(n) * self.index.entries_per_slot,
                 )
             )
         return out

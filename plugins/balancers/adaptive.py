@@ -15,8 +15,9 @@ key stays on its node while that node's estimate is within ``pin_tolerance`` of 
 Among equally good nodes a request with a conversation goes by weighted rendezvous hashing
 of the conversation's start, so every gateway (each with its own view) puts a new
 conversation on the same node, unless the load among them is clearly uneven (then the
-least busy); a request without one goes by smooth weighted round-robin, so an idle
-uniform fleet still splits by weight.
+least busy); nodes whose slots hold as many conversations as they can are passed over
+for a new one while another has room. A request without a conversation goes by smooth
+weighted round-robin, so an idle uniform fleet still splits by weight.
 """
 
 from __future__ import annotations
@@ -92,6 +93,11 @@ class AdaptiveBalancer:
             i = ties[0]
             return self._choice(request, candidates, i, _why(candidates, costs, i), costs[i])
         if request.conversation is not None:
+            if not any(candidates[i].has_conversation for i in ties):
+                # A new conversation (or one whose cache is gone): to a node whose slots
+                # have room for one more, so that it does not push another one out.
+                spare = [i for i in ties if _spare(candidates[i])]
+                ties = spare or ties
             busy = [candidates[i].busy for i in ties]
             if max(busy) - min(busy) > UNEVEN_ABS and max(busy) > UNEVEN_REL * min(busy):
                 i = min(ties, key=lambda j: candidates[j].busy / candidates[j].slots)
@@ -126,6 +132,10 @@ class AdaptiveBalancer:
         others = [own_cost(request, c) for j, c in enumerate(candidates) if j != i]
         saving = (min(others) if others else math.inf) - own_cost(request, chosen)
         return Choice(chosen.node, reason, cost, patience=max(0.0, saving))
+
+
+def _spare(c: Candidate[NodeT]) -> bool:
+    return c.capacity == 0 or c.held < c.capacity
 
 
 def _why(candidates: Sequence[Candidate[NodeT]], costs: list[float], i: int) -> str:

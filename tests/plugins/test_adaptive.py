@@ -54,7 +54,7 @@ def test_an_idle_uniform_fleet_splits_by_weight() -> None:
 def test_a_cached_prefix_beats_a_full_prefill() -> None:
     choice = AdaptiveBalancer().select(
         RouteRequest("m", 5000, conversation=7),
-        [cand(A), cand(B, cached_tokens=4900)],
+        [cand(A), cand(B, cached_tokens=4900, has_conversation=True)],
     )
     assert (choice.node, choice.reason) == (B, "affinity")
     assert round(choice.estimate, 3) == 0.1
@@ -160,3 +160,16 @@ def test_candidates_are_not_changed() -> None:
     before = [replace(c) for c in candidates]
     AdaptiveBalancer().select(RouteRequest("m", 100), candidates)
     assert candidates == before
+
+
+def test_a_new_conversation_passes_over_a_node_whose_slots_are_all_taken() -> None:
+    balancer = AdaptiveBalancer()
+    full_a = cand(A, slots=2, held=2, capacity=2)
+    for conversation in range(20):  # rendezvous alone would send some of them to a
+        request = RouteRequest("m", 500, conversation=conversation)
+        assert balancer.select(request, [full_a, cand(B, slots=2, held=1, capacity=2)]).node is B
+    # With no room anywhere, rendezvous decides as before.
+    both_full = [full_a, cand(B, slots=2, held=2, capacity=2)]
+    placed = {balancer.select(RouteRequest("m", 500, conversation=c), both_full).node.name
+              for c in range(20)}  # fmt: skip
+    assert placed == {"a", "b"}
