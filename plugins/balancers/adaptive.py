@@ -7,6 +7,8 @@ For each candidate the estimate of the time to the first token is
                and those already waiting for the node, plus this one)
     load     = its cold load when the model is not in memory there (0 when it is)
     prefill  = (prompt tokens − tokens its slots probably hold) × its seconds per token
+    eviction = for a conversation new to a node whose slots are all taken, the prefill the
+               conversation it pushes out will pay again (taken to be this one's size)
 
 and the smallest wins, full nodes included: a follow-up whose conversation is cached on a
 busy node waits for a slot there rather than evaluate the whole history elsewhere, for as
@@ -41,9 +43,14 @@ UNEVEN_REL = 1.5
 
 
 def own_cost(request: RouteRequest, c: Candidate[NodeT]) -> float:
-    """Seconds to the first token once a slot is free there: load and uncached prefill."""
+    """Seconds to the first token once a slot is free there: load and uncached prefill,
+    plus what a new conversation costs the one it pushes out of a full node's slots."""
     uncached = max(0, request.prompt_tokens - c.cached_tokens)
-    return c.load_seconds + uncached * c.seconds_per_prompt_token
+    cost = c.load_seconds + uncached * c.seconds_per_prompt_token
+    if c.capacity and c.held >= c.capacity and not c.has_conversation:
+        # That conversation will evaluate its history again; take it to be this size.
+        cost += request.prompt_tokens * c.seconds_per_prompt_token
+    return cost
 
 
 def wait_seconds(c: Candidate[NodeT]) -> float:

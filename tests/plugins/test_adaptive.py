@@ -173,3 +173,15 @@ def test_a_new_conversation_passes_over_a_node_whose_slots_are_all_taken() -> No
     placed = {balancer.select(RouteRequest("m", 500, conversation=c), both_full).node.name
               for c in range(20)}  # fmt: skip
     assert placed == {"a", "b"}
+
+
+def test_a_shared_system_prompt_does_not_pull_a_new_conversation_onto_a_full_node() -> None:
+    # a holds the system prompt (1 500 of 4 500 tokens) but its slots all hold other
+    # conversations: taking one more would push one out, to be evaluated again later.
+    request = RouteRequest("m", 4500, conversation=5)
+    full_a = cand(A, slots=2, held=2, capacity=2, cached_tokens=1500)
+    choice = AdaptiveBalancer().select(request, [full_a, cand(B, slots=2, held=1, capacity=2)])
+    assert choice.node is B
+    roomy_a = cand(A, slots=2, held=1, capacity=2, cached_tokens=1500)
+    choice = AdaptiveBalancer().select(request, [roomy_a, cand(B, slots=2, held=1, capacity=2)])
+    assert (choice.node, choice.reason) == (A, "affinity")
