@@ -112,6 +112,12 @@ class Metrics:
             registry=r,
         )
         self.reloads.set(1)
+        self.cluster_connected = Gauge(
+            "olmd_cluster_connected",
+            "1 while the cluster's Redis server answers; 0 while it does not, or with the "
+            "cluster off",
+            registry=r,
+        )
         # --- proxy -----------------------------------------------------------------------
         self.requests = Counter(
             "olmd_requests",

@@ -232,3 +232,28 @@ def redact_address(text: str, host: str, port: int, name: str) -> str:
     whole number (error texts also show them apart, as in ``('10.0.0.5', 11434)``)."""
     text = text.replace(f"{host}:{port}", name).replace(host, name)
     return re.sub(rf"(?<!\d){port}(?!\d)", name, text)
+
+
+def _host_name() -> str:
+    import socket
+
+    name = socket.gethostname().split(".")[0]
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in name)[:63] or "olmd"
+
+
+class ClusterSettings(Section):
+    """Several gateways over one fleet, sharing state through Redis (``OLMD_REDIS_URL``)."""
+
+    enabled: bool = False
+    # This gateway's name among the others: logs, the sync lease's holder, /admin.
+    name: str = Field(default_factory=_host_name, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+    key_prefix: str = Field(default="olmd", pattern=r"^[A-Za-z0-9:._-]{1,64}$")
+    # The sync lease lasts this long unless renewed (every third of it while a run lives):
+    # a gateway killed mid-sync is replaced after at most this long.
+    lease_seconds: Seconds = 30.0
+    # How often each gateway publishes its view of the nodes and its requests in flight,
+    # and reads the others'. Published state older than peer_timeout is ignored.
+    publish_interval: Seconds = 0.25
+    peer_timeout: Seconds = 3.0
+    # Redis calls that take longer fail; the gateway then goes on on its own state.
+    redis_timeout: Seconds = 1.0

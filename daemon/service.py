@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from daemon.cluster.client import cluster_component
 from daemon.gateway.app import create_app
 from daemon.gateway.component import gateway_component
 from daemon.logs import get_logger
@@ -91,8 +92,10 @@ def _announce(settings: Settings, port: int) -> None:
 
 
 def build_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Application:
-    """The daemon as it runs: the gateway, then the sync service (its scheduler inside)."""
-    return create_app(settings, metrics=metrics, components=(gateway_component, sync_component))
+    """The daemon as it runs: the cluster's Redis client (when on), the gateway, then the
+    sync service (its scheduler inside)."""
+    components = (cluster_component, gateway_component, sync_component)
+    return create_app(settings, metrics=metrics, components=components)
 
 
 async def serve(

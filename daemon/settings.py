@@ -31,6 +31,7 @@ from pydantic_settings import (
 )
 
 from daemon.sections import (
+    ClusterSettings,
     DownloadSettings,
     JobsSettings,
     NodeSettings,
@@ -49,6 +50,7 @@ from daemon.window import AllowedWindow
 
 # The sections are defined in daemon.sections; settings.py is where everyone imports them.
 __all__ = [
+    "ClusterSettings",
     "DownloadSettings",
     "JobsSettings",
     "NodeSettings",
@@ -77,6 +79,7 @@ SECRET_ENV = {
     "remote_port": "OLLAMA_REMOTE_PORT",
     "ssh_user": "OLLAMA_SSH_USER",
     "ssh_key_path": "OLLAMA_SSH_KEY_PATH",
+    "redis_url": "OLMD_REDIS_URL",
 }
 # OLMD_* names that are not settings keys but are still ours.
 OTHER_ENV = {"OLMD_CONFIG"}
@@ -114,6 +117,7 @@ class Settings(BaseSettings):
     services: ServicesSettings = ServicesSettings()
     jobs: JobsSettings = JobsSettings()
     ssh: SshSettings = SshSettings()
+    cluster: ClusterSettings = ClusterSettings()
 
     # Secrets: environment or .env only.
     api_keys: Annotated[list[SecretStr], NoDecode, BeforeValidator(_split_keys)] = Field(
@@ -126,6 +130,7 @@ class Settings(BaseSettings):
     ssh_key_path: SecretStr | None = Field(
         default=None, validation_alias=SECRET_ENV["ssh_key_path"]
     )
+    redis_url: SecretStr | None = Field(default=None, validation_alias=SECRET_ENV["redis_url"])
 
     @classmethod
     def settings_customise_sources(
@@ -145,6 +150,15 @@ class Settings(BaseSettings):
         if any(len(key.get_secret_value()) < 8 for key in keys):
             raise ValueError("every key needs 8 characters or more")
         return keys
+
+    @model_validator(mode="after")
+    def _cluster_has_redis(self) -> Settings:
+        if self.cluster.enabled and self.redis_url is None:
+            raise ValueError(
+                "cluster.enabled: a cluster needs a Redis server; set OLMD_REDIS_URL "
+                "(e.g. redis://:password@10.0.0.5:6379/0) in the environment or .env"
+            )
+        return self
 
     @model_validator(mode="after")
     def _cron_inside_window(self) -> Settings:

@@ -15,3 +15,16 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         if name.startswith(("OLMD_", "OLLAMA_", "NOTIFY_SOCKET", "WATCHDOG_")):
             monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+async def redis_server(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A real Redis server for this test (skipped where redis-server is not installed)."""
+    from tests.helpers import RedisServer
+
+    server = RedisServer(tmp_path)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()

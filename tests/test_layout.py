@@ -35,11 +35,12 @@ CORE = frozenset(
 ALLOWED: dict[str, frozenset[str]] = {
     "core": frozenset({"core"}),
     "emulator": frozenset(),  # behaves as an independent Ollama node: nothing of olmd
-    "sync": frozenset({"core"}),
+    "cluster": frozenset({"core"}),  # what several gateways share through Redis
+    "sync": frozenset({"core", "cluster"}),
     "ops": frozenset({"core"}),
-    "gateway": frozenset({"core"}),  # + the sync service, from gateway.admin only (below)
-    "service": frozenset({"core", "gateway", "sync"}),  # daemon.service composes the daemon
-    "cli": frozenset({"core", "gateway", "sync", "ops", "emulator", "service"}),
+    "gateway": frozenset({"core", "cluster"}),  # + the sync service, from gateway.admin only
+    "service": frozenset({"core", "gateway", "sync", "cluster"}),  # composes the daemon
+    "cli": frozenset({"core", "gateway", "sync", "ops", "emulator", "service", "cluster"}),
     "main": frozenset({"cli"}),
     "plugins": frozenset(),  # only daemon.ports and daemon.domain (below)
 }
@@ -169,6 +170,8 @@ def test_every_package_says_what_it_does() -> None:
         ("daemon.emulator.server", "daemon.gateway.proxy"),
         ("daemon.emulator.server", "daemon.settings"),
         ("daemon.sync.engine", "daemon.gateway.fleet"),
+        ("daemon.cluster.client", "daemon.gateway.fleet"),
+        ("daemon.ops.smoke", "daemon.cluster.client"),
         ("daemon.ops.smoke", "daemon.sync.service"),
         ("daemon.gateway.proxy", "daemon.sync.service"),
         ("daemon.gateway.router", "daemon.cli.common"),
