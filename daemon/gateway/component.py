@@ -16,10 +16,12 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
+from daemon.cluster.client import CLUSTER
 from daemon.gateway.fleet import Fleet
 from daemon.gateway.prober import Prober
 from daemon.gateway.proxy import Proxy
 from daemon.gateway.router import Router, make_balancer
+from daemon.gateway.shared import SharedFleet
 from daemon.logs import get_logger
 from daemon.runtime import RUNTIME
 from daemon.settings import Settings
@@ -94,9 +96,17 @@ async def gateway_component(app: web.Application) -> AsyncIterator[None]:
         prober.start()
         runtime.liveness.append(prober.alive)
         runtime.on_reload.append(gateway.reload)
+        cluster = app.get(CLUSTER)
+        shared = SharedFleet(fleet, router, cluster) if cluster is not None else None
+        if shared is not None:
+            shared.start()
+            runtime.liveness.append(shared.alive)
         try:
             yield
         finally:
+            if shared is not None:
+                runtime.liveness.remove(shared.alive)
+                await shared.stop()
             await prober.stop()
     finally:
         await session.close()

@@ -67,6 +67,12 @@ class Node:
     # Models a node answered 404 for since its last probe: skipped until the next one.
     missing: set[str] = field(default_factory=set)
     out_since: float | None = None  # when an ejection (logged) began; None when in rotation
+    down_since: float | None = None
+    good_probe_at: float | None = None
+    # What the other gateways of a cluster report (daemon.gateway.shared): their requests
+    # in flight here per model, and until when one of them has the node out of rotation.
+    peer_busy: dict[str, int] = field(default_factory=dict)
+    peer_out_until: float = 0.0
 
     @property
     def name(self) -> str:
@@ -185,7 +191,11 @@ class Fleet:
         node.loaded = loaded
         node.missing.clear()
         node.probed_at = now
+        node.good_probe_at = now
+        node.peer_out_until = 0.0  # our own good probe counts, whatever the others saw
         node.health.record_probe(now, True)
+        if not node.health.down:
+            node.down_since = None
         if was_down and not node.health.down:
             log.info("node_up", node=node.name, version=version, models=len(node.models))
         self._back_in_rotation(node, now)
@@ -201,6 +211,7 @@ class Fleet:
         node.probed_at = now
         node.health.record_probe(now, False, node.redact(detail))
         if node.health.down and not was_down:
+            node.down_since = now
             log.warning("node_down", node=node.name, error=node.redact(detail))
 
     def request_ok(self, node: Node, now: float) -> None:

@@ -113,6 +113,7 @@ class Router:
         self.index = PrefixIndex(routing.affinity_entries_per_slot)
         self.rates = Rates(_defaults(routing))
         self.sessions: OrderedDict[str, str] = OrderedDict()
+        self.recent_pins: dict[str, str] = {}  # pins since the cluster last published
         self.queued = 0
         self._queue: dict[str, deque[_Waiter]] = {}
         self._waiting_for: dict[str, int] = {}  # node → waiters preferring it
@@ -143,6 +144,11 @@ class Router:
         """
         now = self.clock()
         holders = [n for n in self.fleet if n.holds(key) and n.name not in exclude]
+        # Nodes another gateway of the cluster took out are skipped too, unless that
+        # leaves none (then select_routable's own rules decide, as without a cluster).
+        ours = [n for n in holders if n.peer_out_until <= now]
+        if ours and len(ours) < len(holders):
+            holders = ours
         selection = select_routable(holders, now, self.fleet.policy)
         if holders and not selection.nodes:
             # Not a 404: Ollama clients take that as "pull the model".
@@ -153,7 +159,8 @@ class Router:
         cap = self.routing.max_in_flight_per_node
         if cap and node.in_flight >= cap:
             return False
-        return node.busy.get(key, 0) < self.slots(node) + self.routing.overcommit
+        in_flight = node.busy.get(key, 0) + node.peer_busy.get(key, 0)
+        return in_flight < self.slots(node) + self.routing.overcommit
 
     def _pick(
         self,
@@ -221,7 +228,7 @@ class Router:
                 Candidate(
                     node=n,
                     slots=self.slots(n),
-                    busy=n.busy.get(key, 0),
+                    busy=n.busy.get(key, 0) + n.peer_busy.get(key, 0),
                     load_seconds=0.0 if n.has_loaded(key) else self._load_cost(n, key),
                     seconds_per_prompt_token=rates.seconds_per_prompt_token(n.name, key),
                     service_seconds=rates.service_seconds(n.name, key),
@@ -363,10 +370,15 @@ class Router:
         if route.prompt.hashes:
             self.index.record(node.name, key, route.prompt.hashes, self.slots(node))
         if route.session:
-            self.sessions[route.session] = node.name
-            self.sessions.move_to_end(route.session)
-            if len(self.sessions) > _MAX_SESSIONS:
-                self.sessions.popitem(last=False)
+            self.pin(route.session, node.name)
+            self.recent_pins[route.session] = node.name  # for the cluster to share
+
+    def pin(self, session: str, node: str) -> None:
+        """Remember ``node`` as the last one that served ``session``."""
+        self.sessions[session] = node
+        self.sessions.move_to_end(session)
+        if len(self.sessions) > _MAX_SESSIONS:
+            self.sessions.popitem(last=False)
 
     def _dispatch(self, first: str | None = None) -> None:
         """Hand free slots to waiters, oldest first per model; ``first``'s model first.
@@ -428,4 +440,6 @@ class Router:
             "slots_in_use": dict(sorted(node.busy.items())),
             "learned": self.rates.describe(node.name),
             "conversations": self.index.conversations(node.name),
+            "peers_in_flight": dict(sorted(node.peer_busy.items())),
+            "out_by_peer": node.peer_out_until > self.clock(),
         }
