@@ -181,7 +181,7 @@ class Metrics:
         )
         self.ttft_measured = Histogram(
             "olmd_route_measured_ttft_seconds",
-            "Measured time from dispatch to the node's first byte, for requests adaptive routed",
+            "Measured time from dispatch to the node's first byte, per node",
             ["node"],
             buckets=LATENCY_BUCKETS,
             registry=r,

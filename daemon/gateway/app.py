@@ -13,9 +13,13 @@ from aiohttp import web
 
 from daemon.gateway import guard, routes
 from daemon.gateway.component import GATEWAY, gateway_component
+from daemon.gateway.wire import json_error, openai_error
+from daemon.logs import get_logger
 from daemon.metrics import CONTENT_TYPE, Metrics
 from daemon.runtime import RUNTIME, Phase, Runtime
 from daemon.settings import Settings
+
+log = get_logger("olmd.app")
 
 # Routes that do not count as traffic for draining.
 _PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
@@ -39,10 +43,19 @@ async def front_door(
     try:
         return await handler(request)
     except web.HTTPException as exc:
-        reply = guard.as_json(exc, runtime)
+        openai = request.path.startswith("/v1/")
+        reply = guard.as_openai(exc, runtime) if openai else guard.as_json(exc, runtime)
         if reply is None:
             raise
         return reply
+    except Exception:
+        # A bug must not answer with a bare text page: log it, and answer in the route's
+        # own dialect, so clients read an error they understand.
+        log.exception("handler_failed", path=request.path)
+        message = "internal error in olmd; the log says more"
+        if request.path.startswith("/v1/"):
+            return openai_error(500, message)
+        return json_error(500, message)
     except BaseException:
         if counted and runtime.phase is Phase.DRAINING:
             runtime.cancelled_on_drain += 1

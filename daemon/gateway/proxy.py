@@ -295,9 +295,9 @@ class Proxy:
             raise
         now = time.monotonic()
         self._child(self.metrics.ttfb, endpoint.path).observe(now - started)
+        self._child(self.metrics.ttft_measured, node.name).observe(now - route.started)
         if route.estimate is not None:
             self._child(self.metrics.ttft_estimated, node.name).observe(route.estimate)
-            self._child(self.metrics.ttft_measured, node.name).observe(now - route.started)
         if upstream.content.at_eof():
             # The whole body came with the first read (a non-streamed answer): answer in
             # one write, without the streaming machinery.
