@@ -16,10 +16,8 @@ probably hold (:mod:`daemon.gateway.affinity`). Completed requests teach both.
 
 from __future__ import annotations
 
-import asyncio
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
 from typing import Any
 
 from daemon import registry
@@ -27,61 +25,15 @@ from daemon.domain import select_routable
 from daemon.gateway.affinity import PrefixIndex
 from daemon.gateway.fleet import Fleet, Node
 from daemon.gateway.prompts import EMPTY, Prompt
+from daemon.gateway.queue import FleetQueue
 from daemon.gateway.rates import Defaults, Rates, Sample
+from daemon.gateway.route import NoNode, Route, Wait
 from daemon.ports import Balancer, Candidate, CostBalancer, RouteRequest
 from daemon.settings import RoutingSettings
 
-_REPOLL = 0.5  # a waiter looks again this often (a node back from cooldown frees no slot)
+__all__ = ["NoNode", "Route", "Router", "Wait", "make_balancer"]
+
 _MAX_SESSIONS = 100_000
-
-
-class NoNode(Exception):
-    """No node can take the request. ``status`` is what the client gets."""
-
-    def __init__(self, status: int, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.retry_after = retry_after
-
-
-@dataclass(eq=False, slots=True)
-class Route:
-    """One attempt's node and why, its slot taken; give it back with ``Router.release``."""
-
-    node: Node
-    key: str
-    reason: str
-    estimate: float | None = None  # seconds to the first token, for a cost balancer
-    cached_tokens: int = 0
-    expected_cold: bool = False
-    started: float = 0.0
-    prompt: Prompt = EMPTY
-    session: str | None = None
-    released: bool = False
-
-
-@dataclass(eq=False)
-class _Waiter:
-    request: RouteRequest
-    prompt: Prompt
-    exclude: Collection[str]
-    future: asyncio.Future[Route] = field(repr=False)
-    # A cost balancer chose a node without a free slot (its cache is worth the wait):
-    # only that node serves this waiter until ``prefer_until`` (the loop's clock).
-    prefer: str | None = None
-    prefer_reason: str = ""
-    prefer_until: float = 0.0
-    preferred_once: bool = False  # a waiter waits for one node at most once
-
-
-@dataclass(frozen=True, slots=True)
-class _Wait:
-    """``_pick``'s answer when the choice is a node without a free slot: wait for it."""
-
-    node: Node
-    patience: float
-    reason: str
 
 
 def make_balancer(routing: RoutingSettings) -> Balancer:
@@ -114,9 +66,7 @@ class Router:
         self.rates = Rates(_defaults(routing))
         self.sessions: OrderedDict[str, str] = OrderedDict()
         self.recent_pins: dict[str, str] = {}  # pins since the cluster last published
-        self.queued = 0
-        self._queue: dict[str, deque[_Waiter]] = {}
-        self._waiting_for: dict[str, int] = {}  # node → waiters preferring it
+        self.queue = FleetQueue(self, routing)
         fleet.on_forget = self.index.drop
 
     @property
@@ -132,7 +82,8 @@ class Router:
         self.routing = routing
         self.index.entries_per_slot = routing.affinity_entries_per_slot
         self.rates.defaults = _defaults(routing)
-        self._dispatch()  # more slots or new nodes may serve queued requests now
+        self.queue.routing = routing
+        self.queue.dispatch()  # more slots or new nodes may serve queued requests now
 
     def slots(self, node: Node) -> int:
         return node.config.parallel or self.routing.parallel
@@ -162,7 +113,7 @@ class Router:
         in_flight = node.busy.get(key, 0) + node.peer_busy.get(key, 0)
         return in_flight < self.slots(node) + self.routing.overcommit
 
-    def _pick(
+    def pick(
         self,
         request: RouteRequest,
         prompt: Prompt,
@@ -170,7 +121,7 @@ class Router:
         *,
         prefer: str | None = None,
         may_wait: bool = True,
-    ) -> Route | _Wait | None:
+    ) -> Route | Wait | None:
         """A route on a node with a free slot; a _Wait when the cost balancer would rather
         wait for a busy node (only with ``may_wait``); None when no node has room.
         ``prefer`` restricts the choice to that node."""
@@ -187,7 +138,7 @@ class Router:
             choice = balancer.select(request, candidates)
             chosen = next(c for c in candidates if c.node is choice.node)
             if not chosen.room:
-                return _Wait(chosen.node, choice.patience, choice.reason)
+                return Wait(chosen.node, choice.patience, choice.reason)
             route = Route(
                 choice.node,
                 key,
@@ -236,7 +187,7 @@ class Router:
                     has_conversation=bool(own) and segments >= own,
                     pinned=n.name == pinned,
                     room=self._has_room(n, key),
-                    waiting=self._waiting_for.get(n.name, 0),
+                    waiting=self.queue.waiting_for.get(n.name, 0),
                     held=self.index.held(n.name, key),
                     capacity=self.slots(n) * self.index.entries_per_slot,
                 )
@@ -262,80 +213,19 @@ class Router:
         self, request: RouteRequest, prompt: Prompt = EMPTY, exclude: Collection[str] = ()
     ) -> Route:
         """A node for one attempt, its slot taken; give it back with :meth:`release`."""
-        key = request.model
-        wait: _Wait | None = None
-        if not self._queue.get(key):  # first come, first served: no overtaking waiters
-            picked = self._pick(request, prompt, exclude)
+        wait: Wait | None = None
+        if not self.queue.has_waiters(request.model):  # first come, first served
+            picked = self.pick(request, prompt, exclude)
             if isinstance(picked, Route):
                 return picked
             wait = picked
         else:
-            self.candidates(key, exclude)  # a 503 for a draining fleet comes at once
-        if self.queued >= self.routing.queue_limit:
-            raise NoNode(503, "all nodes for this model are at capacity", retry_after=1)
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Route] = loop.create_future()
-        waiter = _Waiter(request, prompt, exclude, future)
-        if wait is not None:
-            self._prefer(waiter, wait, loop.time())
-        queue = self._queue.setdefault(key, deque())
-        queue.append(waiter)
-        self.queued += 1
-        try:
-            async with asyncio.timeout(self.routing.queue_timeout):
-                self._dispatch(key)
-                while not future.done():
-                    step = _REPOLL
-                    if waiter.prefer is not None:
-                        step = min(step, max(0.0, waiter.prefer_until - loop.time()) + 0.001)
-                    await asyncio.wait((future,), timeout=step)
-                    if not future.done():
-                        self._dispatch(key)
-        except TimeoutError:
-            if not future.done():
-                raise NoNode(
-                    503, "timed out waiting for a node with capacity", retry_after=1
-                ) from None
-        except BaseException:
-            if future.done() and not future.cancelled() and future.exception() is None:
-                self.release(future.result())  # a slot handed over just as the client left
-            raise
-        finally:
-            self.queued -= 1
-            self._unprefer(waiter)
-            if not future.done():
-                future.cancel()
-            if waiter in queue:
-                queue.remove(waiter)
-            if not queue and self._queue.get(key) is queue:
-                del self._queue[key]
-        return future.result()
+            self.candidates(request.model, exclude)  # a 503 for a draining fleet, at once
+        return await self.queue.wait(request, prompt, exclude, wait)
 
-    def _still_holds(self, waiter: _Waiter) -> bool:
-        """Whether the node a waiter waits for can still serve it (routable, has it)."""
-        try:
-            nodes = self.candidates(waiter.request.model, waiter.exclude)
-        except NoNode:
-            return False
-        return any(n.name == waiter.prefer for n in nodes)
-
-    def _prefer(self, waiter: _Waiter, wait: _Wait, now: float) -> None:
-        waiter.prefer = wait.node.name
-        waiter.prefer_reason = wait.reason
-        waiter.prefer_until = now + wait.patience
-        waiter.preferred_once = True
-        self._waiting_for[wait.node.name] = self._waiting_for.get(wait.node.name, 0) + 1
-
-    def _unprefer(self, waiter: _Waiter) -> None:
-        name = waiter.prefer
-        if name is None:
-            return
-        waiter.prefer = None
-        left = self._waiting_for.get(name, 0) - 1
-        if left > 0:
-            self._waiting_for[name] = left
-        else:
-            self._waiting_for.pop(name, None)
+    @property
+    def queued(self) -> int:
+        return self.queue.queued
 
     def release(self, route: Route) -> None:
         if route.released:
@@ -348,8 +238,8 @@ class Router:
             node.busy[key] = left
         else:
             node.busy.pop(key, None)
-        if self.queued:
-            self._dispatch(key)
+        if self.queue.queued:
+            self.queue.dispatch(key)
 
     def complete(self, route: Route, sample: Sample | None) -> None:
         """An attempt answered in full: learn from it, remember where its prompt now is."""
@@ -379,59 +269,6 @@ class Router:
         self.sessions.move_to_end(session)
         if len(self.sessions) > _MAX_SESSIONS:
             self.sessions.popitem(last=False)
-
-    def _dispatch(self, first: str | None = None) -> None:
-        """Hand free slots to waiters, oldest first per model; ``first``'s model first.
-
-        A waiter that waits for one node (its cache is there) lets the others pass while
-        that node is full, until its patience runs out; then it takes any node.
-        """
-        keys = list(self._queue)
-        if first in self._queue:
-            keys.remove(first)
-            keys.insert(0, first)
-        now = asyncio.get_running_loop().time()
-        for key in keys:
-            queue = self._queue.get(key)
-            if not queue:
-                continue
-            blocked = False  # no node has room for a waiter that takes any node
-            for waiter in list(queue):
-                if waiter.future.done():
-                    queue.remove(waiter)
-                    continue
-                if waiter.prefer is not None and (
-                    now >= waiter.prefer_until or not self._still_holds(waiter)
-                ):
-                    self._unprefer(waiter)
-                if waiter.prefer is None and blocked:
-                    continue
-                try:
-                    picked = self._pick(
-                        waiter.request,
-                        waiter.prompt,
-                        waiter.exclude,
-                        prefer=waiter.prefer,
-                        may_wait=not waiter.preferred_once,
-                    )
-                except NoNode as exc:
-                    if waiter.prefer is not None:  # its node is gone: take any
-                        self._unprefer(waiter)
-                        continue
-                    queue.remove(waiter)
-                    waiter.future.set_exception(exc)
-                    continue
-                if isinstance(picked, _Wait):
-                    self._prefer(waiter, picked, now)
-                    continue
-                if picked is None:
-                    blocked = blocked or waiter.prefer is None
-                    continue
-                queue.remove(waiter)
-                if waiter.prefer is not None:  # waited for this node, for that reason
-                    picked.reason = waiter.prefer_reason
-                self._unprefer(waiter)
-                waiter.future.set_result(picked)
 
     def describe(self, node: Node) -> dict[str, Any]:
         """Routing's view of ``node`` for ``/admin/nodes``."""

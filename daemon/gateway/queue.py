@@ -1,0 +1,198 @@
+"""The fleet-wide queue: requests that found no free slot, first come first served.
+
+One queue per model. When a slot frees (``dispatch``), the oldest waiter of that model
+that some node can now take gets it, on whichever node that is, so no node idles while
+another queues. A waiter the cost balancer wants on one node (its conversation's cache is
+there) waits for that node only, letting the others pass, until its patience runs out;
+then it takes any node. Waiters also look again every ``_REPOLL`` seconds, for slots that
+no release announces (a node back from cooldown, a reload that raised the slots).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from daemon.gateway.fleet import Node
+from daemon.gateway.prompts import Prompt
+from daemon.gateway.route import NoNode, Route, Wait
+from daemon.ports import RouteRequest
+from daemon.settings import RoutingSettings
+
+_REPOLL = 0.5
+
+
+class Picker(Protocol):
+    """What the queue needs of the router."""
+
+    def pick(
+        self,
+        request: RouteRequest,
+        prompt: Prompt,
+        exclude: Collection[str],
+        *,
+        prefer: str | None = None,
+        may_wait: bool = True,
+    ) -> Route | Wait | None: ...
+
+    def candidates(self, key: str, exclude: Collection[str] = ()) -> list[Node]: ...
+
+    def release(self, route: Route) -> None: ...
+
+
+@dataclass(eq=False)
+class _Waiter:
+    request: RouteRequest
+    prompt: Prompt
+    exclude: Collection[str]
+    future: asyncio.Future[Route] = field(repr=False)
+    # A cost balancer chose a node without a free slot (its cache is worth the wait):
+    # only that node serves this waiter until ``prefer_until`` (the loop's clock).
+    prefer: str | None = None
+    prefer_reason: str = ""
+    prefer_until: float = 0.0
+    preferred_once: bool = False  # a waiter waits for one node at most once
+
+
+class FleetQueue:
+    def __init__(self, picker: Picker, routing: RoutingSettings) -> None:
+        self.picker = picker
+        self.routing = routing
+        self.queued = 0
+        self.waiting_for: dict[str, int] = {}  # node → waiters that wait for it only
+        self._queue: dict[str, deque[_Waiter]] = {}
+
+    def has_waiters(self, key: str) -> bool:
+        return bool(self._queue.get(key))
+
+    async def wait(
+        self,
+        request: RouteRequest,
+        prompt: Prompt,
+        exclude: Collection[str],
+        wait: Wait | None,
+    ) -> Route:
+        """Queue the request until a node has a slot for it (or ``wait.node`` has, for
+        ``wait.patience``); NoNode 503 beyond ``queue_limit`` or after ``queue_timeout``."""
+        key = request.model
+        if self.queued >= self.routing.queue_limit:
+            raise NoNode(503, "all nodes for this model are at capacity", retry_after=1)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Route] = loop.create_future()
+        waiter = _Waiter(request, prompt, exclude, future)
+        if wait is not None:
+            self._prefer(waiter, wait, loop.time())
+        queue = self._queue.setdefault(key, deque())
+        queue.append(waiter)
+        self.queued += 1
+        try:
+            async with asyncio.timeout(self.routing.queue_timeout):
+                self.dispatch(key)
+                while not future.done():
+                    step = _REPOLL
+                    if waiter.prefer is not None:
+                        step = min(step, max(0.0, waiter.prefer_until - loop.time()) + 0.001)
+                    await asyncio.wait((future,), timeout=step)
+                    if not future.done():
+                        self.dispatch(key)
+        except TimeoutError:
+            if not future.done():
+                raise NoNode(
+                    503, "timed out waiting for a node with capacity", retry_after=1
+                ) from None
+        except BaseException:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self.picker.release(future.result())  # a slot handed over just as the client left
+            raise
+        finally:
+            self.queued -= 1
+            self._unprefer(waiter)
+            if not future.done():
+                future.cancel()
+            if waiter in queue:
+                queue.remove(waiter)
+            if not queue and self._queue.get(key) is queue:
+                del self._queue[key]
+        return future.result()
+
+    def _still_holds(self, waiter: _Waiter) -> bool:
+        """Whether the node a waiter waits for can still serve it (routable, has it)."""
+        try:
+            nodes = self.picker.candidates(waiter.request.model, waiter.exclude)
+        except NoNode:
+            return False
+        return any(n.name == waiter.prefer for n in nodes)
+
+    def _prefer(self, waiter: _Waiter, wait: Wait, now: float) -> None:
+        waiter.prefer = wait.node.name
+        waiter.prefer_reason = wait.reason
+        waiter.prefer_until = now + wait.patience
+        waiter.preferred_once = True
+        self.waiting_for[wait.node.name] = self.waiting_for.get(wait.node.name, 0) + 1
+
+    def _unprefer(self, waiter: _Waiter) -> None:
+        name = waiter.prefer
+        if name is None:
+            return
+        waiter.prefer = None
+        left = self.waiting_for.get(name, 0) - 1
+        if left > 0:
+            self.waiting_for[name] = left
+        else:
+            self.waiting_for.pop(name, None)
+
+    def dispatch(self, first: str | None = None) -> None:
+        """Hand free slots to waiters, oldest first per model; ``first``'s model first.
+
+        A waiter that waits for one node (its cache is there) lets the others pass while
+        that node is full, until its patience runs out; then it takes any node.
+        """
+        keys = list(self._queue)
+        if first in self._queue:
+            keys.remove(first)
+            keys.insert(0, first)
+        now = asyncio.get_running_loop().time()
+        for key in keys:
+            queue = self._queue.get(key)
+            if not queue:
+                continue
+            blocked = False  # no node has room for a waiter that takes any node
+            for waiter in list(queue):
+                if waiter.future.done():
+                    queue.remove(waiter)
+                    continue
+                if waiter.prefer is not None and (
+                    now >= waiter.prefer_until or not self._still_holds(waiter)
+                ):
+                    self._unprefer(waiter)
+                if waiter.prefer is None and blocked:
+                    continue
+                try:
+                    picked = self.picker.pick(
+                        waiter.request,
+                        waiter.prompt,
+                        waiter.exclude,
+                        prefer=waiter.prefer,
+                        may_wait=not waiter.preferred_once,
+                    )
+                except NoNode as exc:
+                    if waiter.prefer is not None:  # its node is gone: take any
+                        self._unprefer(waiter)
+                        continue
+                    queue.remove(waiter)
+                    waiter.future.set_exception(exc)
+                    continue
+                if isinstance(picked, Wait):
+                    self._prefer(waiter, picked, now)
+                    continue
+                if picked is None:
+                    blocked = blocked or waiter.prefer is None
+                    continue
+                queue.remove(waiter)
+                if waiter.prefer is not None:  # waited for this node, for that reason
+                    picked.reason = waiter.prefer_reason
+                self._unprefer(waiter)
+                waiter.future.set_result(picked)
