@@ -17,6 +17,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from aiohttp import web
+
+from daemon.ports import RouteRequest
+
 CHARS_PER_TOKEN = 4
 TEMPLATE_TOKENS = 2  # role markers and separators a chat template adds per message
 BLOCK_CHARS = 256
@@ -135,3 +139,24 @@ def read_prompt(upstream: str, payload: Mapping[str, Any], model: str) -> Prompt
             payload.get("prompt"), payload.get("system"), payload.get("context"), model
         )
     return EMPTY
+
+
+def route_facts(
+    request: web.Request,
+    openai: bool,
+    upstream: str,
+    payload: Mapping[str, Any],
+    key: str,
+    *,
+    with_prompt: bool,
+) -> tuple[RouteRequest, Prompt]:
+    """What the router needs of a request: its model, its session key (``X-Olmd-Session``,
+    or OpenAI's ``user``), and, for a cost balancer only, its prompt's chain and size."""
+    session = request.headers.get("X-Olmd-Session")
+    if session is None and openai:
+        user = payload.get("user")
+        session = user if isinstance(user, str) and user else None
+    if not with_prompt:
+        return RouteRequest(key, session=session), EMPTY
+    prompt = read_prompt(upstream, payload, key)
+    return RouteRequest(key, prompt.total_tokens, prompt.conversation, session), prompt

@@ -21,8 +21,9 @@ from aiohttp import web
 
 from daemon.domain import FailureKind, classify_status
 from daemon.gateway.fleet import Fleet, Node, model_key
-from daemon.gateway.prompts import EMPTY, read_prompt
+from daemon.gateway.prompts import route_facts
 from daemon.gateway.router import NoNode, Route, Router
+from daemon.gateway.stream_guard import StreamGuard
 from daemon.gateway.wire import (
     ERROR_BODY_LIMIT,
     error_message,
@@ -36,7 +37,6 @@ from daemon.gateway.wire import (
 )
 from daemon.logs import get_logger
 from daemon.metrics import Metrics
-from daemon.ports import RouteRequest
 from daemon.settings import RoutingSettings
 
 log = get_logger("olmd.proxy")
@@ -140,7 +140,9 @@ class Proxy:
         if not streaming:
             wait = max(wait, self.routing.non_streaming_timeout)
         headers = forward_headers(request)
-        route_request, prompt = self._facts(request, endpoint, upstream, payload, key)
+        route_request, prompt = route_facts(
+            request, endpoint.openai, upstream, payload, key, with_prompt=self.router.cost_aware
+        )
         tried: list[str] = []
         last: web.Response | None = None
         node: Node | None = None
@@ -195,24 +197,6 @@ class Proxy:
                         self.retrying -= 1
         finally:
             self.active -= 1
-
-    def _facts(
-        self,
-        request: web.Request,
-        endpoint: Endpoint,
-        upstream: str,
-        payload: dict[str, Any],
-        key: str,
-    ) -> tuple[RouteRequest, Any]:
-        """What the router needs of this request; the prompt only for a cost balancer."""
-        session = request.headers.get("X-Olmd-Session")
-        if session is None and endpoint.openai:
-            user = payload.get("user")
-            session = user if isinstance(user, str) and user else None
-        if not self.router.cost_aware:
-            return RouteRequest(key, session=session), EMPTY
-        prompt = read_prompt(upstream, payload, key)
-        return RouteRequest(key, prompt.total_tokens, prompt.conversation, session), prompt
 
     async def pass_through(self, request: web.Request, node: Node) -> web.StreamResponse:
         """Forward a request as it is (method, path, query, streamed body) to one node."""
@@ -357,14 +341,14 @@ class Proxy:
         loop = asyncio.get_running_loop()
         status = upstream.status
         prev, tail = b"", first
-        guard: _StreamGuard | None = None
+        guard: StreamGuard | None = None
         try:
             await response.prepare(request)
             if first:
                 await response.write(first)
             async with asyncio.timeout(None) as deadline:
                 routing = self.routing
-                guard = _StreamGuard(loop, deadline, routing.idle_timeout, routing.write_timeout)
+                guard = StreamGuard(loop, deadline, routing.idle_timeout, routing.write_timeout)
                 try:
                     async for chunk in upstream.content.iter_any():
                         prev, tail = tail, chunk
@@ -451,49 +435,3 @@ class _Final(Exception):
 
     def __init__(self, response: web.Response) -> None:
         self.response = response
-
-
-class _StreamGuard:
-    """Expires ``deadline`` when the node sent nothing for ``idle`` seconds, or when one
-    write to the client has waited ``write_timeout`` seconds (then ``stuck`` is set).
-
-    The stream loop only stores timestamps per chunk; one timer re-arms itself, so there
-    is no timer churn per chunk.
-    """
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        deadline: asyncio.Timeout,
-        idle: float,
-        write_timeout: float,
-    ) -> None:
-        self.loop = loop
-        self.deadline = deadline
-        self.idle = idle
-        self.write_timeout = write_timeout
-        self.last = loop.time()  # when the node's last chunk was written out
-        self.writing: float | None = None  # since when a write waits on the client
-        self.stuck = False
-        self._handle = loop.call_at(self.last + min(idle, write_timeout), self._check)
-
-    def _check(self) -> None:
-        now = self.loop.time()
-        if self.writing is not None:
-            if now - self.writing >= self.write_timeout:
-                self.stuck = True
-                self.deadline.reschedule(now)
-                return
-            due = self.writing + self.write_timeout
-        else:
-            if now - self.last >= self.idle:
-                self.deadline.reschedule(now)
-                return
-            due = self.last + self.idle
-        # Look again when the nearer of the two limits could first be reached.
-        self._handle = self.loop.call_at(
-            min(due, now + min(self.idle, self.write_timeout)), self._check
-        )
-
-    def cancel(self) -> None:
-        self._handle.cancel()
