@@ -132,8 +132,11 @@ class CostBalancer(Protocol):
     """A balancer that weighs each candidate's cost for this request (``adaptive``).
 
     Same contract as :class:`Balancer`, except that ``select`` receives the request's
-    facts and one :class:`Candidate` per routable node with room, and returns a
-    :class:`Choice` naming one of the candidates' nodes. It must stay O(candidates).
+    facts and one :class:`Candidate` per routable node holding the model, with or without
+    a free slot (``room``), and returns a :class:`Choice` naming one of the candidates'
+    nodes. Choosing a node without room makes the request wait for a slot there for at
+    most ``Choice.patience`` seconds (0: it then takes whichever node frees one first).
+    It must stay O(candidates).
     """
 
     def select(

@@ -76,6 +76,7 @@ class Runtime:
             except Exception:
                 log.exception("reload_hook_failed", hook=_name(hook))
                 failed.append(_name(hook))
+                done.append(hook)  # it may have taken part of them: back to the old too
                 break
             done.append(hook)
         if not failed:
@@ -87,7 +88,8 @@ class Runtime:
                 await hook(old)
             except Exception:  # it took these settings before; say so if it now cannot
                 log.exception("reload_rollback_failed", hook=_name(hook))
-                failed.append(_name(hook))
+                if _name(hook) not in failed:
+                    failed.append(_name(hook))
         return failed
 
 

@@ -97,6 +97,12 @@ class PrefixIndex:
             for chain in shelf.entries.values():
                 self._forget(owners, node, chain)
 
+    def forget(self, node: str, model: str, last: int) -> None:
+        """Drop the entry ending in ``last`` (an attempt that never reached the node)."""
+        shelf = self._shelves.get((node, model))
+        if shelf is not None and last in shelf.entries:
+            self._forget(self._owners.get(model, {}), node, shelf.entries.pop(last))
+
     def held(self, node: str, model: str) -> int:
         """Entries held for ``node`` and ``model``."""
         shelf = self._shelves.get((node, model))

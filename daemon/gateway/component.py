@@ -41,7 +41,11 @@ class Gateway:
         # What can fail (loading the strategy's plugin) comes first, before anything
         # changes; the rest only assigns.
         balancer = make_balancer(settings.routing)
+        before = {node.name for node in self.fleet}
         fresh = self.fleet.update(settings.nodes(), settings.routing)
+        gone = before - {node.name for node in self.fleet}
+        for name in gone | {node.name for node in fresh}:
+            self.router.forget_node(name)  # another machine, or none: nothing learned holds
         self.router.reconfigure(settings.routing, balancer)
         self.proxy.configure(settings.routing)
         self.prober.configure(settings)

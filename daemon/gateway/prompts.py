@@ -24,6 +24,7 @@ from daemon.ports import RouteRequest
 CHARS_PER_TOKEN = 4
 TEMPLATE_TOKENS = 2  # role markers and separators a chat template adds per message
 BLOCK_CHARS = 256
+MAX_SESSION_CHARS = 128
 _PERSON = b"olmd-prefix"
 
 
@@ -156,6 +157,9 @@ def route_facts(
     if session is None and openai:
         user = payload.get("user")
         session = user if isinstance(user, str) and user else None
+    if session is not None and len(session) > MAX_SESSION_CHARS:
+        # Kept per session, and shared with other gateways: a fixed size, whatever sent.
+        session = "#" + hashlib.blake2b(session.encode(), digest_size=16).hexdigest()
     if not with_prompt:
         return RouteRequest(key, session=session), EMPTY
     prompt = read_prompt(upstream, payload, key)

@@ -173,9 +173,11 @@ class Proxy:
                         request, route, endpoint, upstream, body, headers, started, wait
                     )
                 except _Final as final:
+                    self.router.abandon(route)  # an error answer: nothing was evaluated
                     self._count(node, key, endpoint, final.response.status)
                     return final.response
                 except _Retry as failed:
+                    self.router.abandon(route)
                     last = failed.response
                     free = failed.free
                     out_of_attempts = len(tried) >= self.routing.max_attempts
@@ -254,6 +256,12 @@ class Proxy:
                 except BaseException:
                     upstream.close()
                     raise
+        except aiohttp.ConnectionTimeoutError:
+            # No connection in connect_timeout: the request never reached the node.
+            self._failed(node, FailureKind.CONNECT, "no connection in time")
+            raise _Retry(
+                "connect", error(502, f"node {node.name} unreachable", **node_header), free=True
+            ) from None
         except TimeoutError:
             self._failed(node, FailureKind.TIMEOUT, "no first byte in time")
             raise _Retry(
@@ -374,9 +382,14 @@ class Proxy:
                     request.transport.abort()
                 return response
             upstream.close()
-            detail = "idle timeout" if isinstance(exc, TimeoutError) else "stream cut"
-            kind = FailureKind.TIMEOUT if isinstance(exc, TimeoutError) else FailureKind.CONNECT
-            self._failed(node, kind, detail)
+            if not isinstance(exc, TimeoutError):
+                detail = "stream cut"
+                self._failed(node, FailureKind.CONNECT, detail)
+            elif guard is not None and guard.idle:
+                detail = "idle timeout"
+                self._failed(node, FailureKind.TIMEOUT, detail)
+            else:  # total_timeout: the answer took too long, the node did nothing wrong
+                detail = "total timeout"
             self._child(self.metrics.stream_errors, node.name).inc()
             await final_error(response, sse, f"node {node.name}: {detail}")
             status = 599  # recorded as a failed stream in metrics

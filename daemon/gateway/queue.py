@@ -40,6 +40,11 @@ class Picker(Protocol):
 
     def candidates(self, key: str, exclude: Collection[str] = ()) -> list[Node]: ...
 
+    def room_on(self, node: str, key: str) -> bool | None:
+        """Whether ``node`` has a free slot for ``key`` now; None when it cannot serve it
+        at all (gone, not routable, not holding the model)."""
+        ...
+
     def release(self, route: Route) -> None: ...
 
 
@@ -64,6 +69,7 @@ class FleetQueue:
         self.queued = 0
         self.waiting_for: dict[str, int] = {}  # node → waiters that wait for it only
         self._queue: dict[str, deque[_Waiter]] = {}
+        self._looked: dict[str, float] = {}  # model → when a waiter last looked again
 
     def has_waiters(self, key: str) -> bool:
         return bool(self._queue.get(key))
@@ -96,7 +102,14 @@ class FleetQueue:
                     if waiter.prefer is not None:
                         step = min(step, max(0.0, waiter.prefer_until - loop.time()) + 0.001)
                     await asyncio.wait((future,), timeout=step)
-                    if not future.done():
+                    if future.done():
+                        break
+                    # Look again for slots no release announced: once per _REPOLL per
+                    # model, whatever the number of waiters (each pass costs O(waiters)).
+                    now = loop.time()
+                    expired = waiter.prefer is not None and now >= waiter.prefer_until
+                    if expired or now - self._looked.get(key, 0.0) >= _REPOLL:
+                        self._looked[key] = now
                         self.dispatch(key)
         except TimeoutError:
             if not future.done():
@@ -116,15 +129,8 @@ class FleetQueue:
                 queue.remove(waiter)
             if not queue and self._queue.get(key) is queue:
                 del self._queue[key]
+                self._looked.pop(key, None)
         return future.result()
-
-    def _still_holds(self, waiter: _Waiter) -> bool:
-        """Whether the node a waiter waits for can still serve it (routable, has it)."""
-        try:
-            nodes = self.picker.candidates(waiter.request.model, waiter.exclude)
-        except NoNode:
-            return False
-        return any(n.name == waiter.prefer for n in nodes)
 
     def _prefer(self, waiter: _Waiter, wait: Wait, now: float) -> None:
         waiter.prefer = wait.node.name
@@ -159,16 +165,21 @@ class FleetQueue:
             queue = self._queue.get(key)
             if not queue:
                 continue
-            blocked = False  # no node has room for a waiter that takes any node
+            # Exclusion sets (a retry's tried nodes) for which no node had room: a waiter
+            # excluding at least as much cannot find room either.
+            blocked: list[frozenset[str]] = []
             for waiter in list(queue):
                 if waiter.future.done():
                     queue.remove(waiter)
                     continue
-                if waiter.prefer is not None and (
-                    now >= waiter.prefer_until or not self._still_holds(waiter)
-                ):
-                    self._unprefer(waiter)
-                if waiter.prefer is None and blocked:
+                if waiter.prefer is not None:
+                    room = self.picker.room_on(waiter.prefer, key)
+                    if now >= waiter.prefer_until or room is None:
+                        self._unprefer(waiter)  # patience out, or the node is gone: any node
+                    elif not room:
+                        continue  # still full: let the others pass
+                excluded = frozenset(waiter.exclude)
+                if waiter.prefer is None and any(b <= excluded for b in blocked):
                     continue
                 try:
                     picked = self.picker.pick(
@@ -189,7 +200,8 @@ class FleetQueue:
                     self._prefer(waiter, picked, now)
                     continue
                 if picked is None:
-                    blocked = blocked or waiter.prefer is None
+                    if waiter.prefer is None:
+                        blocked.append(excluded)
                     continue
                 queue.remove(waiter)
                 if waiter.prefer is not None:  # waited for this node, for that reason

@@ -66,6 +66,7 @@ class Router:
         self.rates = Rates(_defaults(routing))
         self.sessions: OrderedDict[str, str] = OrderedDict()
         self.recent_pins: dict[str, str] = {}  # pins since the cluster last published
+        self.share_pins = False  # set while a cluster shares them
         self.queue = FleetQueue(self, routing)
         fleet.on_forget = self.index.drop
 
@@ -105,6 +106,14 @@ class Router:
             # Not a 404: Ollama clients take that as "pull the model".
             raise NoNode(503, f"every node holding {key!r} is draining", retry_after=5)
         return list(selection.nodes)
+
+    def room_on(self, name: str, key: str) -> bool | None:
+        node = self.fleet.get(name)
+        if node is None or not node.holds(key) or node.health.draining:
+            return None
+        if not node.health.is_routable(self.clock()) or node.peer_out_until > self.clock():
+            return None
+        return self._has_room(node, key)
 
     def _has_room(self, node: Node, key: str) -> bool:
         cap = self.routing.max_in_flight_per_node
@@ -261,7 +270,18 @@ class Router:
             self.index.record(node.name, key, route.prompt.hashes, self.slots(node))
         if route.session:
             self.pin(route.session, node.name)
-            self.recent_pins[route.session] = node.name  # for the cluster to share
+            if self.share_pins:  # the cluster publishes them, then clears the table
+                self.recent_pins[route.session] = node.name
+
+    def abandon(self, route: Route) -> None:
+        """An attempt failed before its node evaluated anything: its prompt is not there."""
+        if route.prompt.hashes:
+            self.index.forget(route.node.name, route.key, route.prompt.hashes[-1])
+
+    def forget_node(self, name: str) -> None:
+        """What was learned about a node that left the fleet or changed address."""
+        self.index.drop(name)
+        self.rates.forget(name)
 
     def pin(self, session: str, node: str) -> None:
         """Remember ``node`` as the last one that served ``session``."""

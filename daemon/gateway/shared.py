@@ -43,7 +43,9 @@ class SharedFleet:
         self.clock = clock
         self.wall = wall
         self.peers: list[PeerRecord] = []
+        self._seen: dict[str, float] = {}  # gateway → the last record's time applied
         self._task: asyncio.Task[None] | None = None
+        router.share_pins = True
 
     def _to_wall(self, mono: float | None, now_mono: float, now_wall: float) -> float:
         return 0.0 if mono is None else now_wall - (now_mono - mono)
@@ -66,6 +68,10 @@ class SharedFleet:
             )
         pins, self.router.recent_pins = self.router.recent_pins, {}
         return PeerRecord(self.cluster.name, wall, nodes, pins)
+
+    def _give_back(self, record: PeerRecord) -> None:
+        # Not published (Redis down): publish these pins next round, unless newer ones.
+        self.router.recent_pins = {**record.sessions, **self.router.recent_pins}
 
     def apply(self, peers: list[PeerRecord]) -> None:
         """Take the other gateways' views into the fleet (replacing the last round's)."""
@@ -90,6 +96,9 @@ class SharedFleet:
             node.peer_busy = busy
             self._mark_out(node, out_until, now)
         for peer in peers:
+            if peer.at <= self._seen.get(peer.gateway, 0.0):
+                continue  # read before: its pins are no news, and ours may be fresher
+            self._seen[peer.gateway] = peer.at
             for session, name in peer.sessions.items():
                 self.router.pin(session, name)
         self.peers = peers
@@ -108,9 +117,11 @@ class SharedFleet:
 
     async def round(self) -> None:
         """One publish-and-read round; on Redis trouble, drop the others' views."""
+        record = self.own_record()
         try:
-            peers = await self.exchange.exchange(self.own_record())
+            peers = await self.exchange.exchange(record)
         except ClusterDown:
+            self._give_back(record)
             self.forget_peers()
             return
         self.apply(peers)
@@ -131,6 +142,7 @@ class SharedFleet:
         return self._task is not None and not self._task.done()
 
     async def stop(self) -> None:
+        self.router.share_pins = False
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -22,11 +22,12 @@ class StreamGuard:
     ) -> None:
         self.loop = loop
         self.deadline = deadline
-        self.idle = idle
+        self.idle_seconds = idle
         self.write_timeout = write_timeout
         self.last = loop.time()  # when the node's last chunk was written out
         self.writing: float | None = None  # since when a write waits on the client
         self.stuck = False
+        self.idle = False  # the node sent nothing for ``idle`` seconds
         self._handle = loop.call_at(self.last + min(idle, write_timeout), self._check)
 
     def _check(self) -> None:
@@ -38,13 +39,14 @@ class StreamGuard:
                 return
             due = self.writing + self.write_timeout
         else:
-            if now - self.last >= self.idle:
+            if now - self.last >= self.idle_seconds:
+                self.idle = True
                 self.deadline.reschedule(now)
                 return
-            due = self.last + self.idle
+            due = self.last + self.idle_seconds
         # Look again when the nearer of the two limits could first be reached.
         self._handle = self.loop.call_at(
-            min(due, now + min(self.idle, self.write_timeout)), self._check
+            min(due, now + min(self.idle_seconds, self.write_timeout)), self._check
         )
 
     def cancel(self) -> None:

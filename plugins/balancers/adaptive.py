@@ -137,7 +137,9 @@ class AdaptiveBalancer:
         # Worth waiting for while the wait is shorter than what going elsewhere would cost
         # beyond this node's own (its cache, its loaded model).
         others = [own_cost(request, c) for j, c in enumerate(candidates) if j != i]
-        saving = (min(others) if others else math.inf) - own_cost(request, chosen)
+        if not others:  # nowhere else to go: it waits in the queue like any request
+            return Choice(chosen.node, reason, cost)
+        saving = min(others) - own_cost(request, chosen)
         return Choice(chosen.node, reason, cost, patience=max(0.0, saving))
 
 

@@ -269,3 +269,33 @@ async def test_a_waiter_whose_patience_runs_out_takes_any_node() -> None:
     waited = asyncio.get_running_loop().time() - started
     assert route.node.name == "b" and 0.05 < waited < 1.0
     router.release(held)
+
+
+async def test_a_retry_excluding_a_node_does_not_hold_up_the_others_behind_it() -> None:
+    router, _, _ = make(("x", 1), ("y", 1), strategy="weighted", queue_timeout=5)
+    on_y = await router.acquire(req(), exclude=("x",))
+    retry = asyncio.create_task(router.acquire(req(), exclude=("x",)))  # only y will do
+    await asyncio.sleep(0.01)
+    other = await asyncio.wait_for(router.acquire(req()), 1)  # x is free: no waiting
+    assert other.node.name == "x"
+    router.release(on_y)
+    assert (await asyncio.wait_for(retry, 1)).node.name == "y"
+
+
+async def test_session_pins_are_kept_for_the_cluster_only_while_one_shares_them() -> None:
+    router, _, _ = make(("a", 1), loaded=("a",), strategy="adaptive")
+    for i in range(50):
+        route = await router.acquire(req(f"user-{i}"))
+        router.complete(route, None)
+        router.release(route)
+    assert router.recent_pins == {} and len(router.sessions) == 50
+
+
+async def test_an_attempt_that_failed_leaves_no_trace_in_the_prefix_index() -> None:
+    router, _, _ = make(("a", 1), loaded=("a",), strategy="adaptive")
+    prompt = read_prompt("/api/chat", {"messages": [{"role": "user", "content": "q"}]}, KEY)
+    route = await router.acquire(RouteRequest(KEY, 1, prompt.conversation), prompt)
+    assert router.index.conversations("a") == 1  # counted as held from dispatch on
+    router.abandon(route)
+    router.release(route)
+    assert router.index.conversations("a") == 0

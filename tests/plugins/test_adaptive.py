@@ -185,3 +185,9 @@ def test_a_shared_system_prompt_does_not_pull_a_new_conversation_onto_a_full_nod
     roomy_a = cand(A, slots=2, held=1, capacity=2, cached_tokens=1500)
     choice = AdaptiveBalancer().select(request, [roomy_a, cand(B, slots=2, held=1, capacity=2)])
     assert (choice.node, choice.reason) == (A, "affinity")
+
+
+def test_a_full_node_with_no_alternative_is_not_waited_for_on_purpose() -> None:
+    only = cand(A, slots=1, busy=1, room=False, cached_tokens=900, has_conversation=True)
+    choice = AdaptiveBalancer().select(RouteRequest("m", 1000, conversation=1), [only])
+    assert choice.node is A and choice.patience == 0.0  # any node that comes back will do
