@@ -298,6 +298,11 @@ class SyncMetrics:
     """Everything a sync run reports. The engine calls the ``record_*`` methods."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        self.blocked = Gauge(
+            "olmd_sync_blocked",
+            "1 while no sync can start because the cluster's Redis does not answer",
+            registry=registry,
+        )
         self.last_success = Gauge(
             "olmd_sync_last_success_timestamp_seconds",
             "When the last sync that succeeded in every action finished (Unix time)",

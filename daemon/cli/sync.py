@@ -7,6 +7,12 @@ recorded as deferred and the manifest is written, then the exit status is 1 (a s
 SIGINT aborts at once). On a terminal it shows a live view while pulling (a line per
 running pull, one for the run; log lines above it, see :mod:`daemon.cli.live`) and a
 summary table at the end; in a pipe it prints the result as JSON, logs as JSON lines.
+
+With the cluster on it takes the fleet-wide sync lease first, as the daemon's runs do
+(another gateway's run, or a Redis that does not answer, exits 1 and says so).
+``olmd sync --status`` prints what ``GET /admin/sync`` shows, without a daemon: the
+fleet's run from the shared record (cluster on) or this machine's state file and
+manifest.
 """
 
 from __future__ import annotations
@@ -32,10 +38,12 @@ from daemon.cli.common import (
     settings_from,
 )
 from daemon.cli.live import LiveView, PullRates, live_view, sync_lines
+from daemon.cluster.client import Cluster, from_settings
+from daemon.gateway import views
 from daemon.settings import Settings
 from daemon.sync.engine import SyncEngine
 from daemon.sync.plan import SyncProgress, SyncResult, select_targets
-from daemon.sync.service import SyncBusy, SyncOptions, run_sync
+from daemon.sync.service import FencedOut, SyncBusy, SyncOptions, offline_status, run_sync
 
 __all__ = ["register", "summary_table"]
 
@@ -55,7 +63,8 @@ def register(subparsers: Any) -> None:
         epilog="Exit status: 0 every action succeeded, 1 a pull failed or was deferred (or "
         "another sync is running, or SIGINT/SIGTERM stopped the run: running pulls are then "
         "recorded as deferred and the manifest is still written), 2 usage or settings error. "
-        "With --dry-run: 0, or 1 when a node could not be reached.",
+        "With --dry-run: 0, or 1 when a node could not be reached. With --status: 0, or 1 "
+        "when the cluster is on and its Redis does not answer.",
     )
     add = parser.add_argument
     add(
@@ -81,12 +90,20 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="pull even outside the allowed download window (for a person at the console)",
     )
+    add(
+        "--status",
+        action="store_true",
+        help="run nothing: show the last run, a run in progress (with the cluster on: on any "
+        "gateway), the schedule and the manifest, as GET /admin/sync does; JSON in a pipe",
+    )
     add_config_option(parser)
     parser.set_defaults(func=_cmd_sync)
 
 
 def _cmd_sync(args: argparse.Namespace) -> int:
     settings = settings_from(args)
+    if args.status:
+        return _cmd_status(settings)
     try:
         options = SyncOptions(
             skip_existing=args.skip_existing,
@@ -108,7 +125,7 @@ def _cmd_sync(args: argparse.Namespace) -> int:
         result, interrupted = run_async(
             _run(settings, options, sys.stderr if show_progress else None)
         )
-    except SyncBusy as exc:
+    except (SyncBusy, FencedOut) as exc:
         print(f"olmd sync: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     if sys.stdout.isatty():
@@ -116,6 +133,35 @@ def _cmd_sync(args: argparse.Namespace) -> int:
     else:
         print(json.dumps(result.to_dict(), indent=2))
     return EXIT_OK if result.ok and not interrupted else EXIT_FAILURE
+
+
+def _cmd_status(settings: Settings) -> int:
+    status = run_async(_status(settings))
+    if sys.stdout.isatty():
+        lines = views.sync_lines(status)
+        cluster = status.get("cluster")
+        if cluster is not None:
+            holder = cluster.get("holder")
+            lines.append(
+                f"cluster: gateway {cluster['gateway']}, "
+                + ("Redis answers" if cluster.get("connected") else "Redis does not answer")
+                + (f", sync lease held by {holder}" if holder else "")
+            )
+        if status.get("blocked"):
+            lines.append(f"blocked: {status['blocked']}")
+        print("\n".join(lines))
+    else:
+        print(json.dumps(status, indent=2))
+    return EXIT_FAILURE if status.get("blocked") else EXIT_OK
+
+
+async def _status(settings: Settings) -> dict[str, Any]:
+    cluster = from_settings(settings)
+    try:
+        return await offline_status(settings, cluster)
+    finally:
+        if cluster is not None:
+            await cluster.stop()
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -153,10 +199,15 @@ async def _run(
         if screen is not None:
             view = stack.enter_context(live_view(screen))
             painter = asyncio.create_task(_paint(progress, view))
+        cluster: Cluster | None = None if options.dry_run else from_settings(settings)
         try:
-            result = await run_sync(settings, options, progress=progress, on_engine=hook)
+            result = await run_sync(
+                settings, options, progress=progress, on_engine=hook, cluster=cluster
+            )
             return result, interrupted
         finally:
+            if cluster is not None:
+                await cluster.stop()
             unhook()
             if painter is not None:
                 painter.cancel()

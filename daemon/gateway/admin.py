@@ -39,7 +39,9 @@ def nodes_view(app: web.Application) -> dict[str, Any]:
 
 
 def sync_view(app: web.Application) -> dict[str, Any] | None:
-    """``GET /admin/sync``'s answer; None where the daemon runs no sync service."""
+    """``GET /admin/sync``'s answer; None where the daemon runs no sync service. With
+    the cluster on it is the fleet's sync (the same on every gateway), with ``cluster``
+    and ``blocked`` saying who holds the lease and why no sync can start."""
     return app[SYNC].status() if SYNC in app else None
 
 
@@ -75,7 +77,11 @@ async def start_sync(request: web.Request) -> web.Response:
     except (ValueError, ValidationError) as exc:
         return web.json_response({"error": str(exc)}, status=400)
     if not started:
-        return web.json_response({"error": "a sync is already running"}, status=409)
+        # 409: another run holds the lock or the lease; 503: the cluster's Redis does
+        # not answer, so no sync can start anywhere until it does.
+        refusal = request.app[SYNC].refusal or {}
+        reason = refusal.get("reason") or "a sync is already running"
+        return web.json_response({"error": reason}, status=503 if refusal.get("blocked") else 409)
     log.info("sync_started_by_api", options=options.model_dump(mode="json"))
     return web.json_response(request.app[SYNC].status(), status=202)
 

@@ -24,6 +24,7 @@ from daemon.logs import get_logger
 from daemon.metrics import SyncMetrics
 from daemon.ports import PullError, PullTransport
 from daemon.settings import Settings
+from daemon.sync.claim import Recorder
 from daemon.sync.inventory import check_pulled
 from daemon.sync.inventory import inventory_all as _inventory_all  # tests patch this name
 from daemon.sync.plan import (
@@ -37,8 +38,7 @@ from daemon.sync.plan import (
     select_models,
     select_targets,
 )
-from daemon.sync.run_manifest import write_run_manifest
-from daemon.sync.state import read_state, state_path, write_state
+from daemon.sync.run_manifest import build_run_manifest
 from daemon.sync.watchdog import watch_pull
 
 __all__ = ["Backoff", "Clock", "Now", "SyncEngine", "TransportFactory", "never_found", "utcnow"]
@@ -98,6 +98,7 @@ class SyncEngine:
         transports: TransportFactory | None = None,
         backoff: Backoff | None = None,
         rng: random.Random | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         self.settings = settings
         self.options = options
@@ -105,6 +106,7 @@ class SyncEngine:
         self._now = now
         self._clock = clock
         self._metrics = metrics
+        self._record = recorder or Recorder(settings)
         self._make_transport = transports or _registry_transport
         self._rng = rng or random.Random()
         self._backoff = backoff or self._default_backoff
@@ -138,7 +140,7 @@ class SyncEngine:
             if options.dry_run:
                 self.progress.phase = "done"
                 return SyncResult(options, started, self._now(), str(window), plan, outcomes)
-            self._save_state(started, "running")
+            await self._save_state(started, "running")
             try:
                 pulls = [o for o in outcomes if o.action == "pull"]
                 if pulls:
@@ -156,24 +158,25 @@ class SyncEngine:
                     log.warning("sync.final_inventory_failed", nodes=lost)
                 final = {**inventories, **{k: v for k, v in after.items() if v.reachable}}
                 check_pulled(outcomes, final, lost)
-                result = self._write(
+                result = await self._write(
                     SyncResult(options, started, started, str(window), plan, outcomes),
                     targets,
                     final,
                     lost,
                 )
             except Exception as exc:
-                self._save_state(started, "error", error=str(exc))
+                await self._save_state(started, "error", error=str(exc))
                 raise
         result.finished_at = self._now()
-        self._save_state(started, "ok" if result.ok else "failed", result=result)
+        await self._save_state(started, "ok" if result.ok else "failed", result=result)
+        present = {
+            name: len(inv.models)
+            for name, inv in final.items()
+            if inv.reachable and name not in lost
+        }
         if self._metrics is not None:
-            present = {
-                name: len(inv.models)
-                for name, inv in final.items()
-                if inv.reachable and name not in lost
-            }
             self._metrics.record_result(result, present, self._clock() - t0)
+        await self._record.finished(result, seconds=self._clock() - t0, models_present=present)
         self.progress.phase = "done"
         log.info(
             "sync.finished",
@@ -355,20 +358,24 @@ class SyncEngine:
 
     # -- results -------------------------------------------------------------------------
 
-    def _write(
+    async def _write(
         self,
         result: SyncResult,
         targets: list[Target],
         final: dict[str, Inventory],
         lost: dict[str, str],
     ) -> SyncResult:
-        write_run_manifest(
-            self.settings, self.options, result, targets, final, lost, generated_at=self._now()
-        )
+        """Write the manifest (through the recorder, which may refuse: FencedOut)."""
+        manifest = build_run_manifest(
+            self.settings, self.options, result, targets, final, lost,
+            generated_at=self._now(), previous=self._record.previous_manifest(),
+        )  # fmt: skip
+        result.manifest = await self._record.save_manifest(manifest)
+        result.manifest_path = self._record.manifest_path
         result.stopped = self._stop_reason
         return result
 
-    def _save_state(
+    async def _save_state(
         self,
         started: datetime,
         outcome: str,
@@ -376,8 +383,7 @@ class SyncEngine:
         error: str | None = None,
         result: SyncResult | None = None,
     ) -> None:
-        path = state_path(self.settings.jobs.ollama_sync.manifest_path)
-        current = read_state(path)
+        current = self._record.base_state()
         update: dict[str, object] = {"last_started_at": started, "last_outcome": outcome}
         if outcome != "running":
             update.update(last_finished_at=self._now(), last_error=error)
@@ -390,4 +396,4 @@ class SyncEngine:
                 update["last_full_started_at"] = started
             failed = [o for o in result.outcomes if not o.ok]
             update["last_error"] = failed[0].error if failed else None
-        write_state(path, current.model_copy(update=update))
+        await self._record.save_state(current.model_copy(update=update))

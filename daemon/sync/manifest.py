@@ -42,6 +42,8 @@ __all__ = [
 ]
 
 SCHEMA_VERSION: Final = 1
+# Written only when set, so a manifest from a gateway without the cluster is unchanged.
+_OPTIONAL: Final = ("fence", "gateway")
 
 ModelStatus = Literal["present", "pulled", "skipped", "missing", "failed", "deferred"]
 
@@ -151,6 +153,11 @@ class Manifest(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
     nodes: list[NodeEntry] = Field(default_factory=list)
     drift: list[DriftEntry] = Field(default_factory=list)
+    fence: int | None = Field(default=None, ge=1)
+    """With the cluster on: the fencing number of the sync lease it was written under
+    (a run holding an older one never replaces it). Left out of the file when unset."""
+    gateway: str | None = None
+    """With the cluster on: the gateway whose run wrote it. Left out when unset."""
 
     @model_validator(mode="after")
     def _unique_nodes(self) -> Manifest:
@@ -316,5 +323,6 @@ def write_manifest(path: Path, manifest: Manifest) -> None:
     If this fails or the process dies before the final rename, the old manifest is
     still there and readable. See :func:`daemon.atomicfile.write_atomic`.
     """
-    data = manifest.model_dump_json(indent=2).encode() + b"\n"
+    unset = {name for name in _OPTIONAL if getattr(manifest, name) is None}
+    data = manifest.model_dump_json(indent=2, exclude=unset).encode() + b"\n"
     write_atomic(Path(path), data, keep_previous=True)

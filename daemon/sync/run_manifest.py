@@ -1,11 +1,13 @@
 """The manifest a sync run writes: built from the run's targets, inventories and
-outcomes, merged with the previous manifest, written atomically.
+outcomes, merged with the previous manifest. The run's recorder writes it
+(:mod:`daemon.sync.claim`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from datetime import datetime
+from pathlib import Path
 
 from daemon.logs import get_logger
 from daemon.settings import Settings
@@ -16,11 +18,10 @@ from daemon.sync.manifest import (
     NodeEntry,
     merge_previous,
     read_manifest,
-    write_manifest,
 )
 from daemon.sync.plan import Inventory, Outcome, SyncOptions, SyncResult, Target
 
-__all__ = ["build_manifest", "write_run_manifest"]
+__all__ = ["build_manifest", "build_run_manifest", "read_previous"]
 
 log = get_logger("olmd.sync")
 
@@ -92,7 +93,17 @@ def _entry(outcome: Outcome, held: ModelEntry | None) -> ModelEntry:
     )
 
 
-def write_run_manifest(
+def read_previous(path: Path) -> Manifest | None:
+    """The manifest at ``path`` to merge a run's into; None if there is none, or if it
+    cannot be read (logged: it is kept as ``.prev`` when the new one is written)."""
+    try:
+        return read_manifest(path)
+    except ManifestError as exc:
+        log.error("sync.previous_manifest_unreadable", error=str(exc).splitlines()[0])
+        return None
+
+
+def build_run_manifest(
     settings: Settings,
     options: SyncOptions,
     result: SyncResult,
@@ -101,10 +112,9 @@ def write_run_manifest(
     lost: dict[str, str],
     *,
     generated_at: datetime,
-) -> None:
-    """Build this run's manifest, merge the previous one in, write it, and record the
-    written manifest and its path on ``result``."""
-    path = settings.jobs.ollama_sync.manifest_path
+    previous: Manifest | None,
+) -> Manifest:
+    """This run's manifest with ``previous`` (the last one written) merged in."""
     manifest = build_manifest(
         generated_at=generated_at,
         window=result.window,
@@ -115,16 +125,8 @@ def write_run_manifest(
         unconfirmed=lost,
         confirmed_at=result.started_at,
     )
-    try:
-        previous = read_manifest(path)
-    except ManifestError as exc:
-        # Written anyway: the unreadable file is kept as .prev by write_manifest.
-        log.error("sync.previous_manifest_unreadable", error=str(exc).splitlines()[0])
-        previous = None
     ours = {t.name for t in targets}
     untouched = [n.name for n in settings.nodes() if n.name not in ours]
     # A --models run speaks only for its models: the others' records are kept.
     handled = {o.model for o in result.outcomes} if options.models else None
-    merged = merge_previous(manifest, previous, keep=untouched, handled=handled)
-    write_manifest(path, merged)
-    result.manifest, result.manifest_path = merged, path
+    return merge_previous(manifest, previous, keep=untouched, handled=handled)

@@ -9,14 +9,21 @@ from the state file next to the manifest, so it survives restarts and counts CLI
 A scheduled run refused because another run held the slot (a narrowed CLI run, a dry
 run) is not lost: every few minutes the same catch-up rule is checked again, and while
 the window is open and no full sync has started in it, one is started.
+
+With the cluster on, every gateway's scheduler fires and the sync lease lets one run:
+the others' catch-up rule reads the fleet's last run (the shared record), and the check
+comes every ``lease_seconds`` (a gateway that died mid-sync is replaced soon after its
+lease runs out; a Redis that comes back is noticed as soon). Each start also names the
+time it is for (``unless_ran_since``): under the lease, a run for a time that a full
+run on another gateway already covered is refused.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from datetime import UTC, datetime
-from typing import Protocol
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
@@ -34,7 +41,9 @@ __all__ = [
     "SyncScheduler",
     "SyncStarter",
     "cron_trigger",
+    "latest_due",
     "missed_run",
+    "retry_seconds",
 ]
 
 log = get_logger("olmd.scheduler")
@@ -51,12 +60,24 @@ _MISFIRE_GRACE = 600
 class SyncStarter(Protocol):
     """What the scheduler needs of the sync service (``daemon.sync.service.SyncService``)."""
 
-    async def start(self, options: SyncOptions | None = None, *, trigger: str = ...) -> bool:
-        """Start a run; False if one is already running."""
+    async def start(
+        self,
+        options: SyncOptions | None = None,
+        *,
+        trigger: str = ...,
+        unless_ran_since: datetime | None = ...,
+    ) -> bool:
+        """Start a run; False if one is already running (or, with ``unless_ran_since``,
+        a full run that started at or after it already ran, on any gateway)."""
         ...
 
     def state(self) -> SyncState:
         """The last run, from the state file."""
+        ...
+
+    @property
+    def refusal(self) -> Mapping[str, Any] | None:
+        """The last refused start: ``reason`` says why."""
         ...
 
 
@@ -68,6 +89,28 @@ def cron_trigger(settings: Settings) -> CronTrigger:
     """The nightly job's trigger: the cron expression read in the window's zone."""
     window = settings.services.ollama.download.allowed_window
     return CronTrigger.from_crontab(settings.jobs.ollama_sync.schedule_cron, timezone=window.tz)
+
+
+def retry_seconds(settings: Settings) -> float:
+    """How often the periodic job looks for a missed run of the open window."""
+    if settings.cluster.enabled:
+        return min(RETRY_SECONDS, settings.cluster.lease_seconds)
+    return RETRY_SECONDS
+
+
+def latest_due(window: AllowedWindow, trigger: CronTrigger, now: datetime) -> datetime | None:
+    """The latest scheduled time in the window open at ``now`` that is not after it."""
+    opening = window.opening_for(now)
+    if opening is None:
+        return None
+    due: datetime | None = None
+    at: datetime | None = trigger.get_next_fire_time(None, opening)
+    for _ in range(100_000):  # bounded: a cron every minute of a day is 1 440 times
+        if at is None or at > now:
+            break
+        due = at
+        at = trigger.get_next_fire_time(at, at + timedelta(seconds=1))
+    return due
 
 
 def missed_run(
@@ -148,7 +191,8 @@ class SyncScheduler:
         if not job.enabled:
             log.info("sync.schedule_disabled")
             return
-        scheduler.add_job(self.retry, IntervalTrigger(seconds=RETRY_SECONDS), id=RETRY_JOB_ID)
+        every = IntervalTrigger(seconds=retry_seconds(settings))
+        scheduler.add_job(self.retry, every, id=RETRY_JOB_ID)
         added = scheduler.add_job(
             self.fire, cron_trigger(settings), id=JOB_ID, kwargs={"trigger": "schedule"}
         )
@@ -182,10 +226,17 @@ class SyncScheduler:
             # Settings keep the cron inside the window; a DST change can still move it out.
             log.warning("sync.schedule_skipped", trigger=trigger, reason=f"outside {window}")
             return False
-        started = await self._service.start(SyncOptions(), trigger=trigger)
+        if trigger == "catch-up":
+            since = window.opening_for(now)
+        else:
+            since = latest_due(window, cron_trigger(self._settings), now) or now
+        started = await self._service.start(SyncOptions(), trigger=trigger, unless_ran_since=since)
         if not started:
-            log.warning("sync.schedule_refused", trigger=trigger, reason="a sync is running")
+            log.warning("sync.schedule_refused", trigger=trigger, reason=self._refused_why())
         return started
+
+    def _refused_why(self) -> str:
+        return str((self._service.refusal or {}).get("reason") or "a sync is running")
 
     async def retry(self) -> bool:
         """The periodic job: start the window's sync if it is due and none has started
@@ -194,12 +245,14 @@ class SyncScheduler:
         if missed is None:
             return False
         window = self._settings.services.ollama.download.allowed_window
-        started = await self._service.start(SyncOptions(), trigger="catch-up")
+        started = await self._service.start(
+            SyncOptions(), trigger="catch-up", unless_ran_since=window.opening_for(self._now())
+        )
         if started:
             log.info("sync.catch_up", missed=missed.astimezone(window.tz).isoformat(),
                      reason="retry")  # fmt: skip
         else:
-            log.debug("sync.catch_up_refused", reason="a sync is running")
+            log.debug("sync.catch_up_refused", reason=self._refused_why())
         return started
 
     async def shutdown(self) -> None:

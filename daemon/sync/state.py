@@ -125,6 +125,10 @@ class SyncState(BaseModel):
     last_full_started_at: AwareDatetime | None = None
     """When the last *full* run (every node and model, downloads allowed) that ran to its
     end started: the scheduler's catch-up rule asks whether it lies in this window."""
+    fence: int | None = None
+    """With the cluster on: the fencing number of the sync lease the last run held."""
+    gateway: str | None = None
+    """With the cluster on: the gateway that ran the last run."""
 
 
 def read_state(path: Path) -> SyncState:

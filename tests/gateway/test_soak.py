@@ -161,6 +161,6 @@ async def test_a_node_killed_again_and_again_loses_no_request(tmp_path: Path) ->
         failures = {k: v for k, v in outcomes.items() if k not in ("ok", "cut")}
         assert failures == {}, failures
         assert sum(outcomes.values()) == sent  # every request accounted for
-        assert kills >= 8 and sent > 500, (kills, sent)
+        assert kills >= 5 and sent > 300, (kills, sent)
         assert outcomes["cut"] > 0  # the kills did cut streams, and they ended cleanly
         assert grown < 8 * 1024, f"olmd grew by {grown} KiB"

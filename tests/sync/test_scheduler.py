@@ -202,7 +202,7 @@ async def test_a_second_trigger_while_running_is_refused(tmp_path):
             await wait_for(lambda: service.status()["progress"]["phase"] == "pulling")
             await service.stop()
     (refused,) = [e for e in logs if e["event"] == "sync.schedule_refused"]
-    assert refused["reason"] == "a sync is running"
+    assert refused["reason"] == "a sync is already running"
     assert emu.state.stats.requests["/api/pull"] == 1
 
 
@@ -323,3 +323,17 @@ async def test_a_refused_scheduled_run_is_retried_while_the_window_is_open(node,
         await scheduler.shutdown()
     assert node.state.stats.requests["/api/pull"] == 1
     assert service.state().last_full_started_at is not None
+
+
+def test_the_latest_due_time_and_the_retry_interval():
+    from daemon.sync.scheduler import latest_due, retry_seconds
+
+    every_hour = CronTrigger.from_crontab("0 2-5 * * *", timezone=WINDOW.tz)
+    assert latest_due(WINDOW, every_hour, local(4, 30)) == local(4, 0)
+    assert latest_due(WINDOW, every_hour, local(4, 0)) == local(4, 0)
+    assert latest_due(WINDOW, THREE, local(2, 30)) is None  # 03:00 is still ahead
+    assert latest_due(WINDOW, THREE, local(7, 0)) is None  # the window is shut
+    assert retry_seconds(Settings()) == RETRY_SECONDS
+    # With the cluster on, a gateway that died mid-sync is replaced about a lease later.
+    clustered = Settings(cluster={"enabled": True, "lease_seconds": 20}, OLMD_REDIS_URL="redis://x")
+    assert retry_seconds(clustered) == 20
