@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ import aiohttp
 
 from daemon.emulator.server import Emulator, EmulatorConfig
 from tests.cluster.support import gateway, metric
-from tests.helpers import RedisServer, settings_dict
+from tests.helpers import RedisServer, free_port, settings_dict
 
 MODEL = "llama3.1:8b"
 BODY = {"model": MODEL, "prompt": "hi", "stream": False}
@@ -22,6 +24,19 @@ def fleet(*emulators: Emulator, **routing: Any) -> dict[str, Any]:
     data = settings_dict([(e.state.config.name, 1, e) for e in emulators], **routing)
     data["cluster"] = {"publish_interval": 0.1, "peer_timeout": 2.0}
     return data
+
+
+@contextlib.asynccontextmanager
+async def two_gateways(
+    tmp_path: Path, redis_url: str, data: dict[str, Any]
+) -> AsyncIterator[tuple[str, str]]:
+    """Gateways gw-a and gw-b (processes) with the same settings but their ports."""
+    b_data = {**data, "server": {**data["server"], "port": free_port()}}
+    async with (
+        gateway(tmp_path, "gw-a", data, redis_url) as a,
+        gateway(tmp_path, "gw-b", b_data, redis_url) as b,
+    ):
+        yield a, b
 
 
 async def generate(http: aiohttp.ClientSession, url: str, **headers: str) -> tuple[int, str]:
@@ -39,11 +54,8 @@ async def test_a_node_ejected_through_one_gateway_is_skipped_by_the_other(
     ):
         # Long probe intervals: only the other gateway's word can take n1 out of B.
         data = fleet(n1, n2, failures_to_eject=1, cooldown=30, probe_interval=30)
-        a_data = {**data, "server": {**data["server"]}}
-        b_data = {**data, "server": {**data["server"], "port": data["server"]["port"] + 1}}
         async with (
-            gateway(tmp_path, "gw-a", a_data, redis_server.url) as a,
-            gateway(tmp_path, "gw-b", b_data, redis_server.url) as b,
+            two_gateways(tmp_path, redis_server.url, data) as (a, b),
             aiohttp.ClientSession() as http,
         ):
             assert {(await generate(http, b))[1] for _ in range(4)} == {"n1", "n2"}
@@ -65,10 +77,8 @@ async def test_two_gateways_share_the_slots_of_two_single_slot_nodes(
         Emulator(EmulatorConfig(name="n2", **config)) as n2,
     ):
         data = fleet(n1, n2, parallel=1, queue_timeout=20)
-        b_data = {**data, "server": {**data["server"], "port": data["server"]["port"] + 1}}
         async with (
-            gateway(tmp_path, "gw-a", data, redis_server.url) as a,
-            gateway(tmp_path, "gw-b", b_data, redis_server.url) as b,
+            two_gateways(tmp_path, redis_server.url, data) as (a, b),
             aiohttp.ClientSession() as http,
         ):
             await asyncio.sleep(0.3)  # both gateways have published once
@@ -92,10 +102,8 @@ async def test_redis_going_away_costs_no_request_and_sharing_comes_back(
     ):
         data = fleet(n1, n2, strategy="adaptive")
         data["cluster"]["redis_timeout"] = 0.3
-        b_data = {**data, "server": {**data["server"], "port": data["server"]["port"] + 1}}
         async with (
-            gateway(tmp_path, "gw-a", data, redis_server.url) as a,
-            gateway(tmp_path, "gw-b", b_data, redis_server.url) as b,
+            two_gateways(tmp_path, redis_server.url, data) as (a, b),
             aiohttp.ClientSession() as http,
         ):
             assert await metric(http, a, "olmd_cluster_connected") == 1
@@ -135,10 +143,8 @@ async def test_a_session_pinned_through_one_gateway_is_found_by_the_other(
         Emulator(EmulatorConfig(name="n2", models=[MODEL])) as n2,
     ):
         data = fleet(n1, n2, strategy="adaptive")
-        b_data = {**data, "server": {**data["server"], "port": data["server"]["port"] + 1}}
         async with (
-            gateway(tmp_path, "gw-a", data, redis_server.url) as a,
-            gateway(tmp_path, "gw-b", b_data, redis_server.url) as b,
+            two_gateways(tmp_path, redis_server.url, data) as (a, b),
             aiohttp.ClientSession() as http,
         ):
             pinned = {}
