@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import report as overhead_report
 from fleet_load import Turn
 from loadgen import percentile
 
@@ -190,14 +191,7 @@ def table_rows(summaries: dict[str, dict[str, Any]]) -> list[list[str]]:
 
 
 def render_text(rows: list[list[str]]) -> str:
-    table = [["", *PEERS], *rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    lines = []
-    for row in table:
-        cells = [row[0].ljust(widths[0])]
-        cells += [cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=True)]
-        lines.append("  ".join(cells))
-    return "\n".join(lines)
+    return overhead_report.render_text(rows, PEERS)
 
 
 def render_targets(targets: list[dict[str, Any]]) -> str:

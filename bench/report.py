@@ -6,7 +6,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -205,8 +205,9 @@ def table_rows(columns: dict[str, Column], ideal_chunks: float | None) -> list[l
     return [[label, *(cell(name, fn) for name in COLUMNS)] for label, fn in specs]
 
 
-def render_text(rows: list[list[str]]) -> str:
-    table = [["", *COLUMNS], *rows]
+def render_text(rows: list[list[str]], columns: Sequence[str] = COLUMNS) -> str:
+    """Rows under a heading of ``columns``, as aligned plain text."""
+    table = [["", *columns], *rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     lines = []
     for row in table:

@@ -98,9 +98,9 @@ class Router:
         holders = [n for n in self.fleet if n.holds(key) and n.name not in exclude]
         # Nodes another gateway of the cluster took out are skipped too, unless that
         # leaves none (then select_routable's own rules decide, as without a cluster).
-        ours = [n for n in holders if n.peer_out_until <= now]
-        if ours and len(ours) < len(holders):
-            holders = ours
+        if any(n.peer_out_until > now for n in holders):  # only with a cluster
+            ours = [n for n in holders if n.peer_out_until <= now]
+            holders = ours or holders
         selection = select_routable(holders, now, self.fleet.policy)
         if holders and not selection.nodes:
             # Not a 404: Ollama clients take that as "pull the model".

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from daemon.cluster.client import Cluster
 from daemon.cluster.lease import Lease, lease_key
 from daemon.cluster.record import SharedRecord
 from daemon.emulator.server import Emulator, EmulatorConfig
@@ -32,23 +30,10 @@ def clustered(settings: Settings, name: str, url: str, **cluster: float) -> Sett
     return Settings(**data, cluster={"enabled": True, "name": name, **cluster}, OLMD_REDIS_URL=url)
 
 
-@pytest.fixture
-async def redis_clusters(redis_server: RedisServer) -> AsyncIterator[tuple[Cluster, Cluster]]:
-    from daemon.settings import ClusterSettings
-
-    a = Cluster(ClusterSettings(name="gw-a", redis_timeout=0.3), redis_server.url)
-    b = Cluster(ClusterSettings(name="gw-b", redis_timeout=0.3), redis_server.url)
-    try:
-        yield a, b
-    finally:
-        await a.stop()
-        await b.stop()
-
-
 async def test_a_run_whose_lease_is_taken_stops_and_keeps_the_newer_manifest(
-    tmp_path: Path, redis_server: RedisServer, redis_clusters
+    tmp_path: Path, redis_server: RedisServer, clusters
 ) -> None:
-    cluster_a, cluster_b = redis_clusters
+    cluster_a, cluster_b = clusters
     slow = EmulatorConfig(name="n1", models=[], pull_size=20_000_000, pull_speed=2_000_000)
     async with Emulator(slow) as emu:
         base = make_settings(
@@ -94,9 +79,9 @@ async def test_a_run_whose_lease_is_taken_stops_and_keeps_the_newer_manifest(
 
 
 async def test_the_manifest_file_guards_itself_when_redis_cannot_say(
-    tmp_path: Path, redis_server: RedisServer, redis_clusters
+    tmp_path: Path, redis_server: RedisServer, clusters
 ) -> None:
-    cluster_a, _ = redis_clusters
+    cluster_a, _ = clusters
     async with Emulator(EmulatorConfig(name="n1", models=[])) as emu:
         base = make_settings(tmp_path, [("n1", emu)], models=MODELS, fallback=[])
         settings = clustered(base, "gw-a", redis_server.url)

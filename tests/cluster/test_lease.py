@@ -4,26 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 
-from daemon.cluster.client import Cluster, ClusterDown
+from daemon.cluster.client import ClusterDown
 from daemon.cluster.lease import Lease, LeaseHeld, fence_key, lease_key, read_holder
 from daemon.cluster.record import Fenced, SharedRecord
-from daemon.settings import ClusterSettings
-from tests.helpers import RedisServer
-
-
-@pytest.fixture
-async def clusters(redis_server: RedisServer) -> AsyncIterator[tuple[Cluster, Cluster]]:
-    a = Cluster(ClusterSettings(name="gw-a", redis_timeout=0.3), redis_server.url)
-    b = Cluster(ClusterSettings(name="gw-b", redis_timeout=0.3), redis_server.url)
-    try:
-        yield a, b
-    finally:
-        await a.stop()
-        await b.stop()
 
 
 async def test_one_holder_at_a_time_each_with_a_larger_fence(clusters) -> None:

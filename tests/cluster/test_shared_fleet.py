@@ -27,6 +27,16 @@ def fleet(*emulators: Emulator, **routing: Any) -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
+async def two_nodes(**config: Any) -> AsyncIterator[tuple[Emulator, Emulator]]:
+    """Emulated nodes n1 and n2, holding the model."""
+    async with (
+        Emulator(EmulatorConfig(name="n1", models=[MODEL], **config)) as n1,
+        Emulator(EmulatorConfig(name="n2", models=[MODEL], **config)) as n2,
+    ):
+        yield n1, n2
+
+
+@contextlib.asynccontextmanager
 async def two_gateways(
     tmp_path: Path, redis_url: str, data: dict[str, Any]
 ) -> AsyncIterator[tuple[str, str]]:
@@ -48,10 +58,7 @@ async def generate(http: aiohttp.ClientSession, url: str, **headers: str) -> tup
 async def test_a_node_ejected_through_one_gateway_is_skipped_by_the_other(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    async with (
-        Emulator(EmulatorConfig(name="n1", models=[MODEL])) as n1,
-        Emulator(EmulatorConfig(name="n2", models=[MODEL])) as n2,
-    ):
+    async with two_nodes() as (n1, n2):
         # Long probe intervals: only the other gateway's word can take n1 out of B.
         data = fleet(n1, n2, failures_to_eject=1, cooldown=30, probe_interval=30)
         async with (
@@ -71,11 +78,7 @@ async def test_a_node_ejected_through_one_gateway_is_skipped_by_the_other(
 async def test_two_gateways_share_the_slots_of_two_single_slot_nodes(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    config = {"models": [MODEL], "tokens": 10, "token_delay": 0.03}
-    async with (
-        Emulator(EmulatorConfig(name="n1", **config)) as n1,
-        Emulator(EmulatorConfig(name="n2", **config)) as n2,
-    ):
+    async with two_nodes(tokens=10, token_delay=0.03) as (n1, n2):
         data = fleet(n1, n2, parallel=1, queue_timeout=20)
         async with (
             two_gateways(tmp_path, redis_server.url, data) as (a, b),
@@ -96,10 +99,7 @@ async def test_two_gateways_share_the_slots_of_two_single_slot_nodes(
 async def test_redis_going_away_costs_no_request_and_sharing_comes_back(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    async with (
-        Emulator(EmulatorConfig(name="n1", models=[MODEL])) as n1,
-        Emulator(EmulatorConfig(name="n2", models=[MODEL])) as n2,
-    ):
+    async with two_nodes() as (n1, n2):
         data = fleet(n1, n2, strategy="adaptive")
         data["cluster"]["redis_timeout"] = 0.3
         async with (
@@ -138,10 +138,7 @@ async def test_redis_going_away_costs_no_request_and_sharing_comes_back(
 async def test_a_session_pinned_through_one_gateway_is_found_by_the_other(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    async with (
-        Emulator(EmulatorConfig(name="n1", models=[MODEL])) as n1,
-        Emulator(EmulatorConfig(name="n2", models=[MODEL])) as n2,
-    ):
+    async with two_nodes() as (n1, n2):
         data = fleet(n1, n2, strategy="adaptive")
         async with (
             two_gateways(tmp_path, redis_server.url, data) as (a, b),
