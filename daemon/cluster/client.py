@@ -12,16 +12,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-import redis.asyncio as aioredis
 from aiohttp import web
-from redis.exceptions import RedisError
 
 from daemon.logs import get_logger
 from daemon.metrics import Metrics
 from daemon.runtime import RUNTIME
 from daemon.settings import ClusterSettings, Settings
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 log = get_logger("olmd.cluster")
 T = TypeVar("T")
@@ -40,6 +41,11 @@ class Cluster:
         self.name = settings.name
         self.prefix = settings.key_prefix
         self.metrics = metrics
+        # Imported here: a gateway without a cluster never loads redis-py (~7 MB).
+        import redis.asyncio as aioredis
+        from redis.exceptions import RedisError
+
+        self._errors: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
         timeout = settings.redis_timeout
         self.redis: aioredis.Redis = aioredis.Redis.from_url(
             url,
@@ -58,7 +64,7 @@ class Cluster:
         """Run ``operation`` on the client; ClusterDown if Redis fails to answer."""
         try:
             result = await operation(self.redis)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except self._errors as exc:
             self._set_connected(False, str(exc) or type(exc).__name__)
             raise ClusterDown(str(exc) or type(exc).__name__) from exc
         self._set_connected(True)
@@ -95,7 +101,7 @@ class Cluster:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*self._errors):
             await self.redis.aclose()
 
 
