@@ -8,14 +8,18 @@ Every problem is reported as ``key: reason (got value)`` in one :class:`Settings
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import tomllib
-from collections.abc import Iterable, Mapping
+import typing
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
+import structlog
 from pydantic import (
+    BaseModel,
     BeforeValidator,
     Field,
     SecretStr,
@@ -260,7 +264,61 @@ def read_settings_file(path: Path) -> dict[str, Any]:
     return data
 
 
+def _model_in(annotation: object) -> type[BaseModel] | None:
+    """The settings model an annotation holds: itself, or inside ``list[...]``/``X | None``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        if (found := _model_in(arg)) is not None:
+            return found
+    return None
+
+
+def _setting_paths(model: type[BaseModel] = Settings, prefix: str = "") -> Iterator[str]:
+    """Every settings key as a dotted path (``routing.strategy``); a list of tables once."""
+    for name, field in model.model_fields.items():
+        if name in SECRET_ENV:
+            continue
+        inner = _model_in(field.annotation)
+        if inner is None:
+            yield prefix + name
+        else:
+            yield from _setting_paths(inner, f"{prefix}{name}.")
+
+
+def _env_name(path: str) -> str:
+    return ENV_PREFIX + path.replace(".", "__").upper()
+
+
+def _nearest(key: str, choices: Iterable[str]) -> str | None:
+    """The choice a misspelt or misplaced key most likely meant: the same last part
+    (``port`` → ``server.port``), else the closest spelling."""
+    choices = list(choices)
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [c for c in choices if c.rsplit(".", 1)[-1] == leaf]
+    if same_leaf:
+        return same_leaf[0]
+    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _sibling_keys(loc: tuple[int | str, ...]) -> list[str]:
+    """The keys valid beside ``loc``'s last part, as dotted paths from the top."""
+    model: type[BaseModel] | None = Settings
+    parts = [str(p) for p in loc[:-1] if not isinstance(p, int)]
+    for part in parts:
+        field = model.model_fields.get(part) if model else None
+        model = _model_in(field.annotation) if field else None
+    if model is None:
+        return []
+    prefix = "".join(f"{p}." for p in parts)
+    return [prefix + name for name in model.model_fields if name not in SECRET_ENV]
+
+
 def _check_keys(file_data: Mapping[str, Any], environ: Mapping[str, str]) -> list[str]:
+    """Problems that stop olmd (a secret or an unknown section in the file). An ``OLMD_*``
+    variable that names no section is only warned about: it may belong to something else
+    (a shell's ``OLMD_PORT``); a misspelt key under a known section fails validation."""
     sections = set(Settings.model_fields) - set(SECRET_ENV)
     problems = []
     for key in file_data:
@@ -274,7 +332,12 @@ def _check_keys(file_data: Mapping[str, Any], environ: Mapping[str, str]) -> lis
             continue
         section = upper[len(ENV_PREFIX) :].split("__", 1)[0].lower()
         if section not in sections:
-            problems.append(f"{name}: unknown setting; OLMD_<SECTION>__<KEY> expected")
+            key = upper[len(ENV_PREFIX) :].lower().replace("__", ".")
+            nearest = _nearest(key, _setting_paths())
+            hint = {"did_you_mean": f"{_env_name(nearest)} ({nearest})"} if nearest else {}
+            structlog.get_logger("olmd.settings").warning(
+                "unknown_environment_variable", variable=name, note="not a setting; ignored", **hint
+            )
     return problems
 
 
@@ -302,7 +365,8 @@ def _describe(error: Mapping[str, Any]) -> str:
     key = _key(loc)
     message = str(error["msg"]).removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
-        return f"{key}: unknown key"
+        nearest = _nearest(key, _sibling_keys(loc))
+        return f"{key}: unknown key" + (f"; did you mean {nearest}?" if nearest else "")
     if error["type"] == "missing":
         return f"{key}: required"
     if not key or key.upper() in SECRET_ENV.values():

@@ -200,9 +200,18 @@ def test_missing_explicit_file_is_an_error(tmp_path: Path, capsys) -> None:
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_unknown_environment_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OLMD_SERVR__PORT", "1")
-    with pytest.raises(SettingsError, match="OLMD_SERVR__PORT"):
+def test_unknown_environment_variable_is_a_warning(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("OLMD_SERVR__PORT", "1")  # no such section: maybe not olmd's at all
+    assert load_settings().server.port == 11435
+    err = capsys.readouterr().err
+    assert "OLMD_SERVR__PORT" in err and "OLMD_SERVER__PORT (server.port)" in err
+
+
+def test_misspelt_environment_key_names_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OLMD_ROUTING__STRATEGYY", "x")
+    with pytest.raises(SettingsError, match=r"did you mean routing\.strategy\?"):
         load_settings()
 
 

@@ -6,14 +6,19 @@ import asyncio
 import contextlib
 import getpass
 import shlex
+import warnings
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import asyncssh
-
 from daemon.settings import NodeSettings, Settings
+
+with warnings.catch_warnings():
+    # cryptography 51 deprecates DSA, and asyncssh names its DSA key classes when imported:
+    # a notice about asyncssh's support for old keys, nothing olmd does, so not printed.
+    warnings.filterwarnings("ignore", message="DSA is deprecated", module=r"asyncssh\.")
+    import asyncssh
 
 __all__ = [
     "MISSING",

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import re
 import shlex
+import warnings
 from pathlib import Path
-
-import asyncssh
 
 from daemon.domain import ModelRef
 from daemon.ports import PullError, PullProgress, PullTarget
+
+with warnings.catch_warnings():
+    # cryptography 51 deprecates DSA, and asyncssh names its DSA key classes when imported:
+    # a notice about asyncssh's support for old keys, nothing olmd does, so not printed.
+    warnings.filterwarnings("ignore", message="DSA is deprecated", module=r"asyncssh\.")
+    import asyncssh
 
 # CSI and other escape sequences the ollama CLI uses to redraw its progress bars.
 _ESCAPES = re.compile(r"\x1b(?:\[[0-9;?]*[ -/]*[@-~]|[@-Z\\-_])")
