@@ -36,11 +36,18 @@ ALLOWED: dict[str, frozenset[str]] = {
     "core": frozenset({"core"}),
     "emulator": frozenset(),  # behaves as an independent Ollama node: nothing of olmd
     "cluster": frozenset({"core"}),  # what several gateways share through Redis
-    "sync": frozenset({"core", "cluster"}),
+    "tenancy": frozenset({"core"}),  # who is asking: tenants, keys, limits, usage, fair shares
+    "distribution": frozenset({"core"}),  # the registry client, blob cache and fan-out
+    "sync": frozenset({"core", "cluster", "distribution"}),
     "ops": frozenset({"core"}),
-    "gateway": frozenset({"core", "cluster"}),  # + the sync service, from gateway.admin only
-    "service": frozenset({"core", "gateway", "sync", "cluster"}),  # composes the daemon
-    "cli": frozenset({"core", "gateway", "sync", "ops", "emulator", "service", "cluster"}),
+    # + the sync service, from gateway.admin only
+    "gateway": frozenset({"core", "cluster", "tenancy", "distribution"}),
+    # composes the daemon
+    "service": frozenset({"core", "gateway", "sync", "cluster", "tenancy", "distribution"}),
+    "cli": frozenset(
+        {"core", "gateway", "sync", "ops", "emulator", "service", "cluster", "tenancy"}
+        | {"distribution"}
+    ),
     "main": frozenset({"cli"}),
     "plugins": frozenset(),  # only daemon.ports and daemon.domain (below)
 }
@@ -158,6 +165,33 @@ def test_no_import_circles() -> None:
     assert cycles(project_graph()) == []
 
 
+# gateway.routing decides where a request runs: it knows the fleet, never the HTTP side.
+ROUTING = "daemon.gateway.routing"
+ROUTING_MAY_USE = frozenset({"daemon.gateway.fleet"})
+
+
+def routing_violations(graph: Mapping[str, Iterable[str]]) -> list[str]:
+    return [
+        f"{module} imports {target} (routing may use only the fleet of the gateway)"
+        for module, targets in sorted(graph.items())
+        if module.startswith(ROUTING)
+        for target in sorted(targets)
+        if target.startswith("daemon.gateway")
+        and not target.startswith(ROUTING)
+        and target not in ROUTING_MAY_USE
+    ]
+
+
+def test_routing_uses_only_the_fleet_of_the_gateway() -> None:
+    assert routing_violations(project_graph()) == []
+    graph = {k: set(v) for k, v in project_graph().items()}
+    graph["daemon.gateway.routing.queue"].add("daemon.gateway.proxy")
+    assert routing_violations(graph) == [
+        "daemon.gateway.routing.queue imports daemon.gateway.proxy"
+        " (routing may use only the fleet of the gateway)"
+    ]
+
+
 def test_every_package_says_what_it_does() -> None:
     for init in sorted((ROOT / "daemon").glob("*/__init__.py")):
         doc = ast.get_docstring(ast.parse(init.read_text()))
@@ -174,7 +208,7 @@ def test_every_package_says_what_it_does() -> None:
         ("daemon.ops.smoke", "daemon.cluster.client"),
         ("daemon.ops.smoke", "daemon.sync.service"),
         ("daemon.gateway.proxy", "daemon.sync.service"),
-        ("daemon.gateway.router", "daemon.cli.common"),
+        ("daemon.gateway.routing.router", "daemon.cli.common"),
         ("daemon.metrics", "daemon.gateway.fleet"),
         ("daemon.settings", "plugins.balancers.weighted"),
         ("plugins.balancers.weighted", "daemon.settings"),

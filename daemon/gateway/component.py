@@ -20,7 +20,7 @@ from daemon.cluster.client import CLUSTER
 from daemon.gateway.fleet import Fleet
 from daemon.gateway.prober import Prober
 from daemon.gateway.proxy import Proxy
-from daemon.gateway.router import Router, make_balancer
+from daemon.gateway.routing.router import Router, make_balancer
 from daemon.gateway.shared import SharedFleet
 from daemon.logs import get_logger
 from daemon.runtime import RUNTIME

@@ -21,8 +21,8 @@ from aiohttp import web
 
 from daemon.domain import FailureKind, classify_status
 from daemon.gateway.fleet import Fleet, Node, model_key
-from daemon.gateway.prompts import route_facts
-from daemon.gateway.router import NoNode, Route, Router
+from daemon.gateway.routing.prompts import route_facts
+from daemon.gateway.routing.router import NoNode, Route, Router
 from daemon.gateway.stream_guard import StreamGuard
 from daemon.gateway.wire import (
     ERROR_BODY_LIMIT,

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from daemon.cluster.client import Cluster, ClusterDown
 from daemon.cluster.peers import NodeReport, PeerExchange, PeerRecord
 from daemon.gateway.fleet import Fleet, Node
-from daemon.gateway.router import Router
+from daemon.gateway.routing.router import Router
 from daemon.logs import get_logger
 
 log = get_logger("olmd.shared")

@@ -9,7 +9,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, MultiMapping
 
-from daemon.gateway.rates import Sample
+from daemon.gateway.routing.rates import Sample
 
 # RFC 9110 §7.6.1: meant for one connection, never forwarded (nor the headers that a
 # Connection header names, see _named_by_connection).

@@ -6,7 +6,7 @@ from daemon.cluster.client import Cluster
 from daemon.cluster.peers import NodeReport, PeerRecord
 from daemon.domain import FailureKind
 from daemon.gateway.fleet import Fleet
-from daemon.gateway.router import Router
+from daemon.gateway.routing.router import Router
 from daemon.gateway.shared import SharedFleet
 from daemon.ports import RouteRequest
 from daemon.settings import ClusterSettings, NodeSettings, RoutingSettings

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.gateway.rates import Defaults, Rates, Sample
+from daemon.gateway.routing.rates import Defaults, Rates, Sample
 
 M = "m:latest"
 DEFAULTS = Defaults(load_seconds=10.0, seconds_per_prompt_token=0.001, service_seconds=5.0)

@@ -11,9 +11,9 @@ import pytest
 
 from daemon.domain import FailureKind
 from daemon.gateway.fleet import Fleet
-from daemon.gateway.prompts import read_prompt
-from daemon.gateway.rates import Sample
-from daemon.gateway.router import NoNode, Route, Router
+from daemon.gateway.routing.prompts import read_prompt
+from daemon.gateway.routing.rates import Sample
+from daemon.gateway.routing.router import NoNode, Route, Router
 from daemon.ports import RouteRequest
 from daemon.settings import NodeSettings, RoutingSettings
 

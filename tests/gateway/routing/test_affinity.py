@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from daemon.gateway.affinity import PrefixIndex
+from daemon.gateway.routing.affinity import PrefixIndex
 
 M = "llama3.1:8b:latest"
 

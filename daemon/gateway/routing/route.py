@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from daemon.gateway.fleet import Node
-from daemon.gateway.prompts import EMPTY, Prompt
+from daemon.gateway.routing.prompts import EMPTY, Prompt
 
 
 class NoNode(Exception):

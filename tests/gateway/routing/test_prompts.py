@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from daemon.gateway.prompts import read_prompt
+from daemon.gateway.routing.prompts import read_prompt
 
 M = "llama3.1:8b"
 SYSTEM = {"role": "system", "content": "You are terse. " * 50}

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from daemon.gateway.fleet import Node
-from daemon.gateway.prompts import Prompt
-from daemon.gateway.route import NoNode, Route, Wait
+from daemon.gateway.routing.prompts import Prompt
+from daemon.gateway.routing.route import NoNode, Route, Wait
 from daemon.ports import RouteRequest
 from daemon.settings import RoutingSettings
 

@@ -2,7 +2,7 @@
 
 Ollama keeps a KV cache per slot: a request whose prompt starts with what a slot last
 held evaluates only the rest. When a request completes on a node, its prompt's chain
-(see :mod:`daemon.gateway.prompts`) is recorded for that node and model as one entry; an
+(see :mod:`daemon.gateway.routing.prompts`) is recorded for that node and model as one entry; an
 entry that the new one extends is replaced by it (the slot moved on). Entries age out
 least recently used beyond ``entries_per_slot`` per slot, and go when the model leaves
 the node's memory or the node goes down. A lookup walks the request's chain from its end,

@@ -10,8 +10,8 @@ come first served per model, and goes to whichever holder frees a slot first; af
 A classic balancer (``weighted``, ``round_robin``, ``least_busy``) picks among the
 candidates as defined, whatever is loaded where. A cost balancer (``adaptive``) gets,
 per candidate, what the fleet knows: slots in use, the learned load time, prompt rate and
-service time (:mod:`daemon.gateway.rates`), and the prompt tokens the node's slots
-probably hold (:mod:`daemon.gateway.affinity`). Completed requests teach both.
+service time (:mod:`daemon.gateway.routing.rates`), and the prompt tokens the node's slots
+probably hold (:mod:`daemon.gateway.routing.affinity`). Completed requests teach both.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from typing import Any
 
 from daemon import registry
 from daemon.domain import select_routable
-from daemon.gateway.affinity import PrefixIndex
 from daemon.gateway.fleet import Fleet, Node
-from daemon.gateway.prompts import EMPTY, Prompt
-from daemon.gateway.queue import FleetQueue
-from daemon.gateway.rates import Defaults, Rates, Sample
-from daemon.gateway.route import NoNode, Route, Wait
+from daemon.gateway.routing.affinity import PrefixIndex
+from daemon.gateway.routing.prompts import EMPTY, Prompt
+from daemon.gateway.routing.queue import FleetQueue
+from daemon.gateway.routing.rates import Defaults, Rates, Sample
+from daemon.gateway.routing.route import NoNode, Route, Wait
 from daemon.ports import Balancer, Candidate, CostBalancer, RouteRequest
 from daemon.settings import RoutingSettings
 
