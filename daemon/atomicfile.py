@@ -31,7 +31,9 @@ def temp_path_for(path: Path, tag: str = "") -> Path:
     return path.with_name(f".{path.name}{middle}.{secrets.token_hex(6)}.tmp")
 
 
-def write_atomic(path: Path, data: bytes, *, keep_previous: bool = False) -> None:
+def write_atomic(
+    path: Path, data: bytes, *, keep_previous: bool = False, mode: int | None = None
+) -> None:
     """Write ``data`` to ``path`` atomically and durably.
 
     Steps: write a temp file in the same folder, flush and fsync it, optionally keep the
@@ -41,13 +43,15 @@ def write_atomic(path: Path, data: bytes, *, keep_previous: bool = False) -> Non
     Guarantees: if this raises, or the process dies, before the final rename, ``path``
     still holds its old content (a temp file may be left behind after a kill; one that
     raises removes its own). ``path`` never goes missing, not even while ``.prev`` is
-    being made. A new file gets the usual 0o666 minus umask; a replaced one keeps its mode.
+    being made. A new file gets the usual 0o666 minus umask; a replaced one keeps its mode;
+    ``mode`` sets it whatever it was (0o600 for a file of secrets: never readable by
+    others, not even for a moment).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = temp_path_for(path)
     try:
-        _write_synced(temp, data, mode_from=path)
+        _write_synced(temp, data, mode_from=path, mode=mode)
         if keep_previous:
             _keep_previous(path)
         os.replace(temp, path)
@@ -58,12 +62,16 @@ def write_atomic(path: Path, data: bytes, *, keep_previous: bool = False) -> Non
     _fsync_folder(path.parent)
 
 
-def _write_synced(temp: Path, data: bytes, *, mode_from: Path) -> None:
+def _write_synced(temp: Path, data: bytes, *, mode_from: Path, mode: int | None = None) -> None:
     # O_EXCL: never write through a name someone else created (or a symlink planted there).
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    created = 0o666 if mode is None else mode
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, created)
     with os.fdopen(fd, "wb") as handle:
-        with contextlib.suppress(FileNotFoundError):
-            os.fchmod(handle.fileno(), stat.S_IMODE(mode_from.stat().st_mode))
+        if mode is not None:
+            os.fchmod(handle.fileno(), mode)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.fchmod(handle.fileno(), stat.S_IMODE(mode_from.stat().st_mode))
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())

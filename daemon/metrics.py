@@ -210,6 +210,51 @@ class Metrics:
             ["endpoint", "code"],
             registry=r,
         )
+        # Tenants: the label is bounded by the configured tenants (and "default").
+        self.tenant_requests = Counter(
+            "olmd_tenant_requests",
+            "Requests per tenant and model, by status",
+            ["tenant", "model", "code"],
+            registry=r,
+        )
+        self.tenant_tokens = Counter(
+            "olmd_tenant_tokens",
+            "Tokens per tenant and model: prompt, cached (prompt tokens olmd expected "
+            "cached on the node) and completion",
+            ["tenant", "model", "kind"],
+            registry=r,
+        )
+        self.tenant_gpu_seconds = Counter(
+            "olmd_tenant_gpu_seconds",
+            "Seconds nodes spent on a tenant's requests (the answers' total_duration)",
+            ["tenant", "model"],
+            registry=r,
+        )
+        self.tenant_queue_wait = Histogram(
+            "olmd_tenant_queue_wait_seconds",
+            "Seconds a tenant's requests waited in olmd for a slot",
+            ["tenant"],
+            buckets=(0.005, 0.05, 0.25, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
+        )
+        self.tenant_rate_limited = Counter(
+            "olmd_tenant_rate_limited",
+            "Requests refused with 429, by the limit that refused them",
+            ["tenant", "limit"],
+            registry=r,
+        )
+        self.tenant_in_flight = Gauge(
+            "olmd_tenant_in_flight",
+            "A tenant's requests admitted and not yet answered (waiting or running)",
+            ["tenant"],
+            registry=r,
+        )
+        self.tenant_queued = Gauge(
+            "olmd_tenant_queued",
+            "A tenant's requests waiting in olmd for a slot",
+            ["tenant"],
+            registry=r,
+        )
 
     def watch_fleet(
         self, fleet: Callable[[], FleetStats], router: Callable[[], RouterStats]

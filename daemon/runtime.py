@@ -48,7 +48,7 @@ class Runtime:
 
     def _credentials(self, settings: Settings) -> None:
         # Prepared once per settings load, not per request.
-        self.api_keys = tuple(k.get_secret_value().encode() for k in settings.api_keys)
+        self.api_keys = tuple(key.encode() for _, key in settings.tenant_keys())
         token = settings.admin_token
         self.admin_token = token.get_secret_value().encode() if token is not None else None
 

@@ -7,6 +7,7 @@ environment.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -56,6 +57,16 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _networks(value: object) -> object:
+    if isinstance(value, list):
+        for item in value:
+            try:
+                ipaddress.ip_network(str(item), strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or network") from None
+    return value
+
+
 class ServerSettings(Section):
     host: str = "127.0.0.1"
     port: Port = 11435
@@ -65,6 +76,13 @@ class ServerSettings(Section):
     # sends traffic to another gateway); "process" only says the daemon is up and not
     # draining, as before.
     readiness: Literal["routable", "process"] = "routable"
+    # Hashes of API keys per tenant, managed by `olmd keys`; mode 0600 (refused when group-
+    # or world-readable). Relative to the settings file's folder.
+    keys_file: Path | None = None
+    # Behind an authenticating reverse proxy: the header naming the tenant (e.g.
+    # X-Forwarded-User), believed only from these addresses or networks.
+    tenant_header: str = Field(default="", pattern=r"^[A-Za-z0-9-]*$")
+    trusted_proxies: Annotated[list[str], BeforeValidator(_networks)] = []
 
 
 class RoutingSettings(Section):
@@ -108,11 +126,68 @@ class RoutingSettings(Section):
     # request cancelled: a reader that went away without closing holds no GPU slot.
     write_timeout: Seconds = 60.0
     total_timeout: float = Field(default=0, ge=0)  # 0: none
+    # Headroom for people: while an interactive request for a model was seen in the last
+    # interactive_window seconds, batch requests leave interactive_reserve slots free
+    # across the nodes holding it. With no interactive traffic batch may use every slot.
+    interactive_window: Seconds = 30.0
+    interactive_reserve: int = Field(default=1, ge=0, le=64)
 
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, value: str) -> str:
         return _known_plugin("balancers", "strategy", value)
+
+
+_PERIOD = re.compile(r"^([1-9][0-9]{0,3})([hd])$")
+TENANT_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+
+
+def period_seconds(period: str) -> int:
+    """``"1d"`` → 86400; ``"12h"`` → 43200 (a period is hours or days)."""
+    match = _PERIOD.match(period)
+    if match is None:
+        raise ValueError(f'{period!r} is not a period such as "12h", "1d" or "30d"')
+    return int(match[1]) * (3600 if match[2] == "h" else 86400)
+
+
+def _period(value: object) -> object:
+    if isinstance(value, str):
+        period_seconds(value)
+    return value
+
+
+def _model_pattern(value: object) -> object:
+    if isinstance(value, str) and not re.fullmatch(r"[A-Za-z0-9_.:/*?\[\]-]{1,200}", value):
+        raise ValueError("a model name or a glob (*, ?, [...]) of one")
+    return value
+
+
+class TenantSettings(Section):
+    """A team sharing the fleet: its priority, share, limits and models. Keys are secrets:
+    ``OLMD_API_KEYS`` (``tenant:key``) or ``[server] keys_file``, never this file."""
+
+    name: str = Field(pattern=TENANT_NAME)
+    priority: Literal["interactive", "batch"] = "interactive"
+    weight: float = Field(default=1.0, gt=0, le=1000)  # share among the same priority
+    max_in_flight: int = Field(default=0, ge=0)  # requests waiting or running; 0: no limit
+    requests_per_minute: int = Field(default=0, ge=0)  # 0: no limit
+    tokens_per_minute: int = Field(default=0, ge=0)  # prompt + completion; 0: no limit
+    budget_tokens: int = Field(default=0, ge=0)  # per budget_period; 0: no budget
+    budget_period: Annotated[str, BeforeValidator(_period)] = "30d"
+    models: list[Annotated[str, BeforeValidator(_model_pattern)]] = ["*"]
+    queue_limit: int = Field(default=0, ge=0)  # its requests waiting for a slot; 0: routing's
+
+
+class UsageSettings(Section):
+    """What each tenant used, kept across restarts (in Redis too with a cluster)."""
+
+    # Per tenant, model and day; written atomically every flush_seconds and at stop.
+    record: Path = Path("olmd-usage.json")
+    flush_seconds: Seconds = 10.0
+    days_kept: int = Field(default=400, ge=1)
+    # One JSON line per request for chargeback (never the key, never the prompt); a path,
+    # relative to the settings file's folder, or "" for none.
+    access_log: str = ""
 
 
 class ReportSettings(Section):

@@ -12,6 +12,7 @@ from aiohttp import web
 from daemon.cluster.client import cluster_component
 from daemon.gateway.app import create_app
 from daemon.gateway.component import gateway_component
+from daemon.gateway.tenants import tenancy_component
 from daemon.logs import get_logger
 from daemon.metrics import Metrics
 from daemon.runtime import RUNTIME, Phase, Runtime
@@ -92,9 +93,9 @@ def _announce(settings: Settings, port: int) -> None:
 
 
 def build_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Application:
-    """The daemon as it runs: the cluster's Redis client (when on), the gateway, then the
-    sync service (its scheduler inside)."""
-    components = (cluster_component, gateway_component, sync_component)
+    """The daemon as it runs: the cluster's Redis client (when on), the gateway, tenancy,
+    then the sync service (its scheduler inside)."""
+    components = (cluster_component, gateway_component, tenancy_component, sync_component)
     return create_app(settings, metrics=metrics, components=components)
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
+import stat
 import tomllib
 import typing
 from collections.abc import Iterable, Iterator, Mapping
@@ -48,6 +50,8 @@ from daemon.sections import (
     ServicesSettings,
     SshSettings,
     SyncJobSettings,
+    TenantSettings,
+    UsageSettings,
     redact_address,
 )
 from daemon.window import AllowedWindow
@@ -68,6 +72,8 @@ __all__ = [
     "SettingsError",
     "SshSettings",
     "SyncJobSettings",
+    "TenantSettings",
+    "UsageSettings",
     "anchor_paths",
     "load_settings",
     "redact_address",
@@ -98,6 +104,16 @@ class SettingsError(Exception):
         super().__init__(f"invalid settings ({source}):\n  " + "\n  ".join(self.problems))
 
 
+DEFAULT_TENANT = "default"
+_TENANT_PREFIX = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]{0,62}):(.+)$")
+
+
+def key_of(entry: str) -> tuple[str, str]:
+    """``"team:key"`` → ("team", "key"); a bare ``"key"`` → ("default", "key")."""
+    match = _TENANT_PREFIX.match(entry)
+    return (match[1], match[2]) if match else (DEFAULT_TENANT, entry)
+
+
 def _split_keys(value: object) -> object:
     if isinstance(value, str):
         return [key.strip() for key in value.split(",") if key.strip()]
@@ -122,6 +138,8 @@ class Settings(BaseSettings):
     jobs: JobsSettings = JobsSettings()
     ssh: SshSettings = SshSettings()
     cluster: ClusterSettings = ClusterSettings()
+    tenants: list[TenantSettings] = []
+    usage: UsageSettings = UsageSettings()
 
     # Secrets: environment or .env only.
     api_keys: Annotated[list[SecretStr], NoDecode, BeforeValidator(_split_keys)] = Field(
@@ -151,9 +169,33 @@ class Settings(BaseSettings):
     @field_validator("api_keys")
     @classmethod
     def _api_keys_usable(cls, keys: list[SecretStr]) -> list[SecretStr]:
-        if any(len(key.get_secret_value()) < 8 for key in keys):
+        if any(len(key_of(key.get_secret_value())[1]) < 8 for key in keys):
             raise ValueError("every key needs 8 characters or more")
         return keys
+
+    @field_validator("tenants")
+    @classmethod
+    def _unique_tenants(cls, tenants: list[TenantSettings]) -> list[TenantSettings]:
+        names = [t.name for t in tenants]
+        if doubled := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"tenant names must be unique; repeated: {doubled}")
+        return tenants
+
+    @model_validator(mode="after")
+    def _keys_name_tenants(self) -> Settings:
+        known = {t.name for t in self.tenants} | {DEFAULT_TENANT}
+        for key in self.api_keys:
+            tenant, _ = key_of(key.get_secret_value())
+            if tenant not in known:  # never echo the key itself
+                raise ValueError(
+                    f"OLMD_API_KEYS: a key names the tenant {tenant!r}, which no [[tenants]] "
+                    f"entry defines (known: {sorted(known)})"
+                )
+        return self
+
+    def tenant_keys(self) -> list[tuple[str, str]]:
+        """``OLMD_API_KEYS`` as (tenant, key) pairs; a bare key is the tenant ``default``'s."""
+        return [key_of(k.get_secret_value()) for k in self.api_keys]
 
     @model_validator(mode="after")
     def _cluster_has_redis(self) -> Settings:
@@ -374,12 +416,30 @@ def _describe(error: Mapping[str, Any]) -> str:
     return f"{key}: {message} (got {error['input']!r})"
 
 
+def keys_file_problem(path: Path) -> str | None:
+    """Why the keys file cannot be used (missing, or readable by others), or None."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return f"{path}: no such file (olmd keys add creates it)"
+    if mode & 0o077:
+        return (
+            f"{path} is readable by group or others (mode {mode:04o}); "
+            f"it holds key hashes: chmod 600 {path}"
+        )
+    return None
+
+
 def load_settings(
     path: str | os.PathLike[str] | None = None,
     *,
     env_file: str | os.PathLike[str] | None = ".env",
+    keys_file_needed: bool = True,
 ) -> Settings:
-    """Build and validate the settings, or raise :class:`SettingsError`."""
+    """Build and validate the settings, or raise :class:`SettingsError`.
+
+    ``keys_file_needed=False`` (``olmd keys``, which creates it) skips the keys file check.
+    """
     file = find_settings_file(path)
     source = str(file) if file else "defaults and environment"
     file_data = read_settings_file(file) if file else {}
@@ -393,7 +453,13 @@ def load_settings(
         raise SettingsError(source, [_describe(e) for e in exc.errors()]) from exc
     except ValueError as exc:  # raised by a source, e.g. an OLMD_* value that is not JSON
         raise SettingsError(source, [str(exc)]) from exc
-    return anchor_paths(settings, file.parent if file else Path.cwd())
+    settings = anchor_paths(settings, file.parent if file else Path.cwd())
+    keys_file = settings.server.keys_file
+    if keys_file_needed and keys_file is not None:
+        problem = keys_file_problem(keys_file)
+        if problem is not None:
+            raise SettingsError(source, [f"server.keys_file: {problem}"])
+    return settings
 
 
 def anchor_paths(settings: Settings, base: Path) -> Settings:
@@ -410,8 +476,19 @@ def anchor_paths(settings: Settings, base: Path) -> Settings:
 
     job = settings.jobs.ollama_sync
     ssh = settings.ssh
+    usage = settings.usage
+    server = settings.server
     return settings.model_copy(
         update={
+            "usage": usage.model_copy(
+                update={
+                    "record": anchor(usage.record),
+                    "access_log": str(anchor(Path(usage.access_log))) if usage.access_log else "",
+                }
+            ),
+            "server": server.model_copy(
+                update={"keys_file": anchor(server.keys_file) if server.keys_file else None}
+            ),
             "jobs": settings.jobs.model_copy(
                 update={
                     "ollama_sync": job.model_copy(

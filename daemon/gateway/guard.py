@@ -27,6 +27,7 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
+from daemon.gateway.tenants import TENANCY, identify
 from daemon.gateway.wire import json_error, openai_error
 from daemon.runtime import RUNTIME, Runtime
 
@@ -166,6 +167,10 @@ def check(request: web.Request, runtime: Runtime) -> web.Response | None:
         if paths <= UI_OPEN or ui_allowed(request, runtime):
             return None
         return _ui_refusal(request, runtime)
+    tenancy = request.app.get(TENANCY)
+    if tenancy is not None and tenancy.enabled:
+        admin = (runtime.admin_token,) if runtime.admin_token is not None else ()
+        return identify(request, tenancy, _bearer(request), lambda t: _matches(t, admin), error)
     keys = runtime.api_keys
     if keys:
         token = _bearer(request)

@@ -21,23 +21,30 @@ from aiohttp import web
 
 from daemon.domain import FailureKind, classify_status
 from daemon.gateway.fleet import Fleet, Node, model_key
-from daemon.gateway.routing.prompts import route_facts
+from daemon.gateway.routing.prompts import Prompt, route_facts
+from daemon.gateway.routing.rates import Sample
 from daemon.gateway.routing.router import NoNode, Route, Router
 from daemon.gateway.stream_guard import StreamGuard
 from daemon.gateway.wire import (
     ERROR_BODY_LIMIT,
+    TENANT,
     error_message,
     final_error,
     forward_headers,
     json_error,
     openai_error,
+    rate_limited,
     response_headers,
     timings_from_tail,
     usage_from_tail,
 )
 from daemon.logs import get_logger
 from daemon.metrics import Metrics
-from daemon.settings import RoutingSettings
+from daemon.ports import RouteRequest
+from daemon.settings import DEFAULT_TENANT, RoutingSettings
+from daemon.tenancy.fair import DEFAULT_SHARE
+from daemon.tenancy.limits import Refusal
+from daemon.tenancy.tenancy import Tenancy, Ticket
 
 log = get_logger("olmd.proxy")
 
@@ -84,6 +91,7 @@ class Proxy:
         self.metrics = metrics
         self.active = 0
         self.retrying = 0
+        self.tenancy: Tenancy | None = None  # set while tenants, keys or a header are on
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.configure(routing)
 
@@ -143,6 +151,60 @@ class Proxy:
         route_request, prompt = route_facts(
             request, endpoint.openai, upstream, payload, key, with_prompt=self.router.cost_aware
         )
+        tenancy = self.tenancy
+        if tenancy is None:
+            return await self._route(
+                request, endpoint, upstream, body, headers, route_request, prompt, started, wait
+            )
+        tenant = request.get(TENANT, DEFAULT_TENANT)
+        if not tenancy.allows(tenant, key):
+            # As a model no node has: the tenant learns nothing of what others may use.
+            if endpoint.openai:
+                return error(404, f"The model '{name}' does not exist")
+            return error(404, f'model "{name}" not found, try pulling it first')
+        estimate = route_request.prompt_tokens or len(body) // 4
+        admitted = tenancy.admit(tenant, key, estimate)
+        if isinstance(admitted, Refusal):
+            self.metrics.rejected.labels(endpoint.path, "429").inc()
+            return rate_limited(admitted, endpoint.openai, tenancy.headers(tenant))
+        status = CLIENT_GONE
+        try:
+            response = await self._route(
+                request,
+                endpoint,
+                upstream,
+                body,
+                headers,
+                route_request,
+                prompt,
+                started,
+                wait,
+                admitted,
+            )
+            status = response.status
+            if admitted.headers and not response.prepared:
+                response.headers.update(admitted.headers)
+            return response
+        finally:
+            tenancy.finish(admitted, status)
+
+    async def _route(
+        self,
+        request: web.Request,
+        endpoint: Endpoint,
+        upstream: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        route_request: RouteRequest,
+        prompt: Prompt,
+        started: float,
+        wait: float,
+        ticket: Ticket | None = None,
+    ) -> web.StreamResponse:
+        """Route and forward, failing over before the first byte; the answer."""
+        error = openai_error if endpoint.openai else json_error
+        key = route_request.model
+        share = ticket.share if ticket is not None else DEFAULT_SHARE
         tried: list[str] = []
         last: web.Response | None = None
         node: Node | None = None
@@ -151,13 +213,20 @@ class Proxy:
         try:
             while True:
                 try:
-                    route = await self.router.acquire(route_request, prompt, exclude=tried)
+                    asked = time.monotonic()
+                    route = await self.router.acquire(route_request, prompt, tried, share)
+                    if ticket is not None:
+                        ticket.queue_wait += time.monotonic() - asked
+                        route.ticket = ticket
                 except NoNode as exc:
                     if last is not None and node is not None and exc.status == 404:
                         self._count(node, key, endpoint, last.status)
                         return last  # every node holding the model was tried
                     self.metrics.rejected.labels(endpoint.path, str(exc.status)).inc()
                     extra = {"Retry-After": str(int(exc.retry_after))} if exc.retry_after else {}
+                    if exc.status == 429 and ticket is not None:  # the tenant's queue_limit
+                        refusal = Refusal("queue", exc.message, exc.retry_after or 1)
+                        return rate_limited(refusal, endpoint.openai, ticket.headers)
                     return error(exc.status, exc.message, **extra)
                 node = route.node
                 tried.append(node.name)
@@ -286,6 +355,8 @@ class Proxy:
             self._child(self.metrics.upstream_cancelled, node.name).inc()
             raise
         now = time.monotonic()
+        if route.ticket is not None:
+            route.ticket.ttft = now - started
         self._child(self.metrics.ttfb, endpoint.path).observe(now - started)
         self._child(self.metrics.ttft_measured, node.name).observe(now - route.started)
         if route.estimate is not None:
@@ -343,6 +414,8 @@ class Proxy:
             reason=upstream.reason,
             headers=response_headers(upstream, node.name, route.reason),
         )
+        if route.ticket is not None and route.ticket.headers:
+            response.headers.update(route.ticket.headers)
         if upstream.content_length is not None:
             response.content_length = upstream.content_length
         sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
@@ -435,12 +508,27 @@ class Proxy:
         else:  # the OpenAI-compatible routes' usage, if any
             usage = usage_from_tail(tail)
             if usage is None:
+                self._settle(route, None, None)
                 return
             prompt, generated, eval_ns = usage
+        self._settle(route, (prompt, generated), sample)
         child(metrics.tokens, node.name, key, "in").inc(prompt)
         child(metrics.tokens, node.name, key, "out").inc(generated)
         if eval_ns > 0 and generated > 0:
             child(metrics.tokens_per_second, key).observe(generated / (eval_ns / 1e9))
+
+    @staticmethod
+    def _settle(route: Route, counts: tuple[int, int] | None, sample: Sample | None) -> None:
+        """What the answer used, on the tenant's ticket (counted when the request ends)."""
+        ticket = route.ticket
+        if ticket is None:
+            return
+        ticket.node, ticket.route = route.node.name, route.reason
+        ticket.cached_tokens = route.cached_tokens
+        if counts is not None:
+            ticket.prompt_tokens, ticket.completion_tokens = counts
+        if sample is not None:
+            ticket.gpu_seconds = sample.total_ns / 1e9
 
 
 class _Final(Exception):

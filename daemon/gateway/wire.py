@@ -4,12 +4,15 @@ final error line of a cut stream, and token counts read from a response's tail."
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, MultiMapping
 
 from daemon.gateway.routing.rates import Sample
+from daemon.tenancy.limits import Refusal
 
 # RFC 9110 §7.6.1: meant for one connection, never forwarded (nor the headers that a
 # Connection header names, see _named_by_connection).
@@ -48,6 +51,23 @@ ERROR_BODY_LIMIT = 64 * 1024
 
 def json_error(status: int, message: str, **headers: str) -> web.Response:
     return web.json_response({"error": message}, status=status, headers=headers)
+
+
+TENANT = web.RequestKey("olmd_tenant", str)  # the tenant the guard found
+
+
+def rate_limited(refusal: Refusal, openai: bool, headers: Mapping[str, str]) -> web.Response:
+    """429 with ``Retry-After`` and the rate-limit headers, in the route's dialect: under
+    ``/v1`` OpenAI's ``rate_limit_exceeded`` (``insufficient_quota`` for a spent budget),
+    which its SDK reads as ``RateLimitError`` and retries by itself."""
+    extra = {**headers, "Retry-After": str(max(1, math.ceil(refusal.retry_after)))}
+    if not openai:
+        return json_error(429, refusal.message, **extra)
+    # As OpenAI answers: the type names the limit, the code what happened.
+    code = "insufficient_quota" if refusal.quota else "rate_limit_exceeded"
+    kind = "insufficient_quota" if refusal.quota else refusal.limit
+    body = {"error": {"message": refusal.message, "type": kind, "param": None, "code": code}}
+    return web.json_response(body, status=429, headers=extra)
 
 
 def openai_error(status: int, message: str, **headers: str) -> web.Response:
@@ -160,4 +180,5 @@ def timings_from_tail(tail: bytes) -> Sample | None:
         prompt_ns=_count_after(tail, b'"prompt_eval_duration":') or 0,
         eval_count=generated,
         eval_ns=_count_after(tail, b'"eval_duration":') or 0,
+        total_ns=_count_after(tail, b'"total_duration":') or 0,
     )

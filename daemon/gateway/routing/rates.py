@@ -54,6 +54,7 @@ class Sample:
     eval_count: int = 0
     eval_ns: int = 0
     held_seconds: float = 0.0  # from dispatch to the last byte
+    total_ns: int = 0  # the answer's total_duration: the node's time on it
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from daemon.gateway.fleet import Node
 from daemon.gateway.routing.prompts import EMPTY, Prompt
+from daemon.tenancy.tenancy import Ticket
 
 
 class NoNode(Exception):
@@ -37,6 +38,7 @@ class Route:
     prompt: Prompt = EMPTY
     session: str | None = None
     released: bool = False
+    ticket: Ticket | None = None  # the tenant's admission, when tenancy is on
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,7 @@ from daemon.gateway.routing.rates import Defaults, Rates, Sample
 from daemon.gateway.routing.route import NoNode, Route, Wait
 from daemon.ports import Balancer, Candidate, CostBalancer, RouteRequest
 from daemon.settings import RoutingSettings
+from daemon.tenancy.fair import DEFAULT_SHARE, FairShares, Share
 
 __all__ = ["NoNode", "Route", "Router", "Wait", "make_balancer"]
 
@@ -67,7 +68,8 @@ class Router:
         self.sessions: OrderedDict[str, str] = OrderedDict()
         self.recent_pins: dict[str, str] = {}  # pins since the cluster last published
         self.share_pins = False  # set while a cluster shares them
-        self.queue = FleetQueue(self, routing)
+        self.fair = FairShares(routing.interactive_window, routing.interactive_reserve)
+        self.queue = FleetQueue(self, routing, self.fair)
         fleet.on_forget = self.index.drop
 
     @property
@@ -84,6 +86,7 @@ class Router:
         self.index.entries_per_slot = routing.affinity_entries_per_slot
         self.rates.defaults = _defaults(routing)
         self.queue.routing = routing
+        self.fair.configure(routing.interactive_window, routing.interactive_reserve)
         self.queue.dispatch()  # more slots or new nodes may serve queued requests now
 
     def slots(self, node: Node) -> int:
@@ -130,14 +133,18 @@ class Router:
         *,
         prefer: str | None = None,
         may_wait: bool = True,
+        share: Share = DEFAULT_SHARE,
     ) -> Route | Wait | None:
         """A route on a node with a free slot; a _Wait when the cost balancer would rather
-        wait for a busy node (only with ``may_wait``); None when no node has room.
+        wait for a busy node (only with ``may_wait``); None when no node has room (or
+        only the headroom kept for interactive requests, for a batch one).
         ``prefer`` restricts the choice to that node."""
         key = request.model
         nodes = self.candidates(key, exclude)
         if not nodes:
             raise NoNode(404, f"model {key!r} not found on any available node")
+        if share.batch and self._in_headroom(share, key, nodes):
+            return None
         if prefer is not None:
             nodes = [n for n in nodes if n.name == prefer]
         free = [n for n in nodes if self._has_room(n, key)]
@@ -172,6 +179,20 @@ class Router:
         node.busy[key] = node.busy.get(key, 0) + 1
         route.started = self.clock()
         return route
+
+    def _in_headroom(self, share: Share, key: str, nodes: list[Node]) -> bool:
+        """Whether the model's free slots are all kept for interactive requests now. The
+        headroom never takes every slot: batch keeps at least one."""
+        reserve = self.fair.reserve_for(share, key, self.clock())
+        if not reserve:
+            return False
+        extra = self.routing.overcommit
+        total = sum(self.slots(n) + extra for n in nodes)
+        spare = sum(
+            max(0, self.slots(n) + extra - n.busy.get(key, 0) - n.peer_busy.get(key, 0))
+            for n in nodes
+        )
+        return spare <= min(reserve, total - 1)
 
     def _candidates(
         self, request: RouteRequest, prompt: Prompt, nodes: list[Node]
@@ -219,18 +240,24 @@ class Router:
         return cost
 
     async def acquire(
-        self, request: RouteRequest, prompt: Prompt = EMPTY, exclude: Collection[str] = ()
+        self,
+        request: RouteRequest,
+        prompt: Prompt = EMPTY,
+        exclude: Collection[str] = (),
+        share: Share = DEFAULT_SHARE,
     ) -> Route:
         """A node for one attempt, its slot taken; give it back with :meth:`release`."""
         wait: Wait | None = None
-        if not self.queue.has_waiters(request.model):  # first come, first served
-            picked = self.pick(request, prompt, exclude)
+        self.fair.saw(share, request.model, self.clock())
+        if not self.queue.has_waiters(request.model):  # nobody is waiting: no turn to take
+            picked = self.pick(request, prompt, exclude, share=share)
             if isinstance(picked, Route):
+                self.fair.served(share)
                 return picked
             wait = picked
         else:
             self.candidates(request.model, exclude)  # a 503 for a draining fleet, at once
-        return await self.queue.wait(request, prompt, exclude, wait)
+        return await self.queue.wait(request, prompt, exclude, wait, share)
 
     @property
     def queued(self) -> int:
