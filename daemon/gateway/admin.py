@@ -1,9 +1,12 @@
-"""``/admin/*``: node state, drain and undrain, model sync. Behind the admin token (see
-guard.py); answers never include secrets."""
+"""``/admin/*``: node state, drain and undrain, model sync, tenants' usage. Behind the
+admin token (see guard.py; with no token set, the read-only views answer on loopback, as
+the status page does); answers never include secrets."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -12,7 +15,8 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from daemon.gateway.component import GATEWAY, Gateway
-from daemon.gateway.guard import is_admin
+from daemon.gateway.guard import is_admin, reads_allowed
+from daemon.gateway.tenants import TENANCY
 from daemon.logs import get_logger
 from daemon.sync.service import SYNC, SyncOptions
 
@@ -93,6 +97,40 @@ async def sync_status(request: web.Request) -> web.Response:
     return web.json_response(view)
 
 
+_SINCE_DAYS = re.compile(r"^([1-9][0-9]{0,3})d$")
+
+
+def since_date(value: str, today: dt.date) -> str:
+    """``"7d"`` (the last seven days, today included) or a date ``"2026-12-01"``."""
+    match = _SINCE_DAYS.match(value)
+    if match:
+        return (today - dt.timedelta(days=int(match[1]) - 1)).isoformat()
+    try:
+        return dt.date.fromisoformat(value).isoformat()
+    except ValueError:
+        raise ValueError(f"since: {value!r} is neither a number of days (7d) nor a date") from None
+
+
+def usage_view(app: web.Application, since: str, tenant: str | None) -> dict[str, Any]:
+    tenancy = app[TENANCY]
+    view = tenancy.view(since, tenant, dict(app[GATEWAY].router.queue.queued_by))
+    view["enabled"] = tenancy.enabled
+    return view
+
+
+async def usage(request: web.Request) -> web.Response:
+    """Each tenant's settings, state now and usage since ``since`` (default: today)."""
+    today = dt.datetime.now(dt.UTC).date()
+    try:
+        since = since_date(request.query.get("since", "1d"), today)
+    except ValueError as exc:
+        return web.json_response({"error": str(exc)}, status=400)
+    tenant = request.query.get("tenant") or None
+    if TENANCY not in request.app:
+        return web.json_response({"error": "tenancy is not running"}, status=503)
+    return web.json_response(usage_view(request.app, since, tenant))
+
+
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
@@ -106,9 +144,21 @@ def _admin_only(handler: Handler) -> Handler:
     return checked
 
 
+def _reader(handler: Handler) -> Handler:
+    """A read-only view: the admin token, or loopback while no token is set."""
+
+    async def checked(request: web.Request) -> web.Response:
+        if not reads_allowed(request):
+            return web.json_response({"error": "this route needs the admin token"}, status=403)
+        return await handler(request)
+
+    return checked
+
+
 def add_routes(app: web.Application) -> None:
-    app.router.add_get("/admin/nodes", _admin_only(list_nodes))
+    app.router.add_get("/admin/nodes", _reader(list_nodes))
     app.router.add_post("/admin/nodes/{name}/drain", _admin_only(drain))
     app.router.add_post("/admin/nodes/{name}/undrain", _admin_only(undrain))
     app.router.add_post("/admin/sync", _admin_only(start_sync))
-    app.router.add_get("/admin/sync", _admin_only(sync_status))
+    app.router.add_get("/admin/sync", _reader(sync_status))
+    app.router.add_get("/admin/usage", _reader(usage))

@@ -87,6 +87,16 @@ def is_admin(request: web.Request) -> bool:
     return admin is not None and _matches(_bearer(request), (admin,))
 
 
+def reads_allowed(request: web.Request) -> bool:
+    """Whether ``request`` may read the admin views (nodes, sync, usage): with the admin
+    token; with no token set, from loopback (as the status page, which shows the same)."""
+    if request.method not in ("GET", "HEAD"):
+        return is_admin(request)
+    if request.app[RUNTIME].admin_token is None:
+        return is_loopback(request)
+    return is_admin(request)
+
+
 def is_loopback(request: web.Request) -> bool:
     try:
         address = ipaddress.ip_address(request.remote or "")
@@ -157,6 +167,8 @@ def check(request: web.Request, runtime: Runtime) -> web.Response | None:
     error = openai_error if any(is_openai(p) for p in paths) else json_error
     if any(is_management(p) or p == "/admin" or p.startswith("/admin/") for p in paths):
         if runtime.admin_token is None:
+            if not any(is_management(p) for p in paths) and reads_allowed(request):
+                return None  # the read-only views, on loopback (their handlers check too)
             return error(403, "model management and /admin are disabled: set OLMD_ADMIN_TOKEN")
         if not _matches(_bearer(request), (runtime.admin_token,)):
             return error(403, "this route needs the admin token")

@@ -159,6 +159,7 @@ class Proxy:
         tenant = request.get(TENANT, DEFAULT_TENANT)
         if not tenancy.allows(tenant, key):
             # As a model no node has: the tenant learns nothing of what others may use.
+            tenancy.refused(tenant, key)
             if endpoint.openai:
                 return error(404, f"The model '{name}' does not exist")
             return error(404, f'model "{name}" not found, try pulling it first')

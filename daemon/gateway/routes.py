@@ -9,10 +9,13 @@ from aiohttp import web
 
 from daemon.gateway import admin, catalog, ui
 from daemon.gateway.component import GATEWAY
+from daemon.gateway.fleet import model_key
 from daemon.gateway.guard import as_openai, is_admin
 from daemon.gateway.proxy import Endpoint
-from daemon.gateway.wire import json_error, openai_error
+from daemon.gateway.tenants import TENANCY
+from daemon.gateway.wire import TENANT, json_error, openai_error
 from daemon.runtime import RUNTIME
+from daemon.settings import DEFAULT_TENANT
 
 ENDPOINTS = (
     Endpoint("/api/generate", "/api/generate", streams=True),
@@ -53,16 +56,38 @@ def _forwarder(endpoint: Endpoint) -> Handler:
     return openai_handler
 
 
+def _allowed(request: web.Request) -> Callable[[str], bool] | None:
+    """The tenant's model filter, or None when it may see every model."""
+    tenancy = request.app.get(TENANCY)
+    if tenancy is None or not tenancy.enabled:
+        return None
+    tenant = request.get(TENANT, DEFAULT_TENANT)
+    if tenancy.unrestricted(tenant):
+        return None
+    return lambda name: tenancy.allows(tenant, model_key(name))
+
+
 def _view(build: Callable[[Any], dict[str, Any] | web.Response]) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
         answer = build(request.app[GATEWAY].fleet)
-        return answer if isinstance(answer, web.Response) else web.json_response(answer)
+        if isinstance(answer, web.Response):
+            return answer
+        allowed = _allowed(request)
+        if allowed is not None:  # a tenant sees only the models it may use
+            for field, name in (("models", "name"), ("data", "id")):
+                if field in answer:
+                    answer[field] = [m for m in answer[field] if allowed(m[name])]
+        return web.json_response(answer)
 
     return handler
 
 
 async def _openai_model(request: web.Request) -> web.StreamResponse:
-    return catalog.openai_model(request.app[GATEWAY].fleet, request.match_info["model"])
+    name = request.match_info["model"]
+    allowed = _allowed(request)
+    if allowed is not None and not allowed(name):
+        return openai_error(404, f"The model '{name}' does not exist")
+    return catalog.openai_model(request.app[GATEWAY].fleet, name)
 
 
 async def _openai_fallback(request: web.Request) -> web.StreamResponse:

@@ -31,6 +31,7 @@ from daemon.tenancy.usage import UsageBook, day_of
 
 __all__ = ["Refusal", "Tenancy", "Ticket"]
 
+_NO_SHARE = Share("")
 log = get_logger("olmd.tenancy")
 
 
@@ -133,6 +134,10 @@ class Tenancy:
     def known(self, tenant: str) -> bool:
         return tenant in self.tenants
 
+    def unrestricted(self, tenant: str) -> bool:
+        entry = self.tenants.get(tenant)
+        return entry is not None and "*" in entry.config.models
+
     def allows(self, tenant: str, model: str) -> bool:
         """Whether ``tenant`` may use ``model`` (its ``models``: names or globs)."""
         entry = self.tenants.get(tenant)
@@ -169,10 +174,18 @@ class Tenancy:
         entry = self.tenants.get(tenant)
         return entry is not None and entry.limits.limited
 
-    def refused(self, tenant: str, model: str, refusal: Refusal) -> None:
-        self.metrics.tenant_rate_limited.labels(tenant, refusal.limit).inc()
-        self.metrics.tenant_requests.labels(tenant, model, "429").inc()
-        self.book.add(self.wall(), tenant, model, UsageBook.counts(429))
+    def refused(self, tenant: str, model: str, refusal: Refusal | None = None) -> None:
+        """A request answered before admission: 429 for ``refusal``, else 404 (a model
+        the tenant may not use). Counted and logged like the others."""
+        status = 404 if refusal is None else 429
+        if refusal is not None:
+            self.metrics.tenant_rate_limited.labels(tenant, refusal.limit).inc()
+        self.metrics.tenant_requests.labels(tenant, model, str(status)).inc()
+        wall = self.wall()
+        self.book.add(wall, tenant, model, UsageBook.counts(status))
+        if self._access is not None:
+            now = self.clock()
+            self._log_access(Ticket(tenant, model, 0, _NO_SHARE, {}, now), status, wall, now)
 
     def finish(self, ticket: Ticket, status: int) -> None:
         """The request ended with ``status``: count what its answer used."""
