@@ -12,9 +12,9 @@ sees the request's routing facts and what the fleet knows of each candidate;
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 
 class NodeView(Protocol):
@@ -249,4 +249,48 @@ class PullTransport(Protocol):
 
     async def aclose(self) -> None:
         """Release everything the transport holds. Called once, at the end of the run."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class SharedAnswer:
+    """What the cluster's shared limits said of one request.
+
+    ``refused`` names the limit that refuses it (``requests``, ``tokens``, ``budget``) or
+    is None; ``wait`` is the seconds until it would pass; ``*_left`` what the buckets hold
+    after it (None for a limit the tenant does not have).
+    """
+
+    refused: str | None
+    wait: float
+    requests_left: float | None
+    tokens_left: float | None
+
+
+class SharedQuota(Protocol):
+    """Tenants' per minute limits, budgets and usage shared by several gateways (Redis).
+
+    ``take`` runs before a request waits (one round trip; None when the shared store does
+    not answer: the gateway then enforces ``1 / gateways`` of each limit alone); the rest
+    is sent in batches by ``flush``, off the request path.
+    """
+
+    gateways: int
+
+    async def take(self, config: Any, estimate: int, period_start: float) -> SharedAnswer | None:
+        """Admit one request of ``config``'s tenant (a TenantSettings), or say why not."""
+        ...
+
+    def settle(self, config: Any, delta: int, used: int, period_start: float) -> None:
+        """An answer used ``delta`` tokens more than its estimate, ``used`` in all."""
+        ...
+
+    async def flush(
+        self, usage: Mapping[tuple[str, str, str, str], float], period_seconds: Mapping[str, int]
+    ) -> bool:
+        """Send what was settled and the usage counts; False when the store is down."""
+        ...
+
+    async def usage_rows(self, days: list[str]) -> list[tuple[str, str, str, str, float]] | None:
+        """Every gateway's usage counts for ``days``; None when the store is down."""
         ...

@@ -111,9 +111,12 @@ def since_date(value: str, today: dt.date) -> str:
         raise ValueError(f"since: {value!r} is neither a number of days (7d) nor a date") from None
 
 
-def usage_view(app: web.Application, since: str, tenant: str | None) -> dict[str, Any]:
+def usage_view(
+    app: web.Application, since: str, tenant: str | None, days: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Tenants' usage; ``days`` from ``Tenancy.shared_days`` for a cluster's."""
     tenancy = app[TENANCY]
-    view = tenancy.view(since, tenant, dict(app[GATEWAY].router.queue.queued_by))
+    view = tenancy.view(since, tenant, dict(app[GATEWAY].router.queue.queued_by), days)
     view["enabled"] = tenancy.enabled
     return view
 
@@ -128,7 +131,8 @@ async def usage(request: web.Request) -> web.Response:
     tenant = request.query.get("tenant") or None
     if TENANCY not in request.app:
         return web.json_response({"error": "tenancy is not running"}, status=503)
-    return web.json_response(usage_view(request.app, since, tenant))
+    days = await request.app[TENANCY].shared_days(since)
+    return web.json_response(usage_view(request.app, since, tenant, days))
 
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]

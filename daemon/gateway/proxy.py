@@ -164,7 +164,7 @@ class Proxy:
                 return error(404, f"The model '{name}' does not exist")
             return error(404, f'model "{name}" not found, try pulling it first')
         estimate = route_request.prompt_tokens or len(body) // 4
-        admitted = tenancy.admit(tenant, key, estimate)
+        admitted = await tenancy.admit(tenant, key, estimate)
         if isinstance(admitted, Refusal):
             self.metrics.rejected.labels(endpoint.path, "429").inc()
             return rate_limited(admitted, endpoint.openai, tenancy.headers(tenant))

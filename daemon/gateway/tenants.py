@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
+from daemon.cluster.client import CLUSTER
+from daemon.cluster.quota import SharedQuota
 from daemon.gateway.component import GATEWAY
 from daemon.gateway.wire import TENANT
 from daemon.logs import get_logger
@@ -28,6 +30,7 @@ __all__ = ["TENANCY", "identify", "tenancy_component"]
 log = get_logger("olmd.tenancy")
 
 TENANCY = web.AppKey("tenancy", Tenancy)
+_SHARE_EVERY = 0.5
 Error = Callable[..., web.Response]
 
 
@@ -90,6 +93,10 @@ async def tenancy_component(app: web.Application) -> AsyncIterator[None]:
     except (KeysFileError, ValueError) as exc:
         raise RuntimeError(f"tenancy cannot start: {exc}") from None
     app[TENANCY] = tenancy
+    cluster = app.get(CLUSTER)
+    if cluster is not None:  # limits, budgets and usage shared through Redis
+        tenancy.shared = SharedQuota(cluster)
+        tenancy.book.collect = True
     proxy = app[GATEWAY].proxy
 
     def attach() -> None:
@@ -100,12 +107,19 @@ async def tenancy_component(app: web.Application) -> AsyncIterator[None]:
         attach()
 
     async def flush() -> None:
+        # The cluster gets usage and settled answers every half second at most; the
+        # record is written every flush_seconds.
+        saved = asyncio.get_running_loop().time()
         while True:
-            await asyncio.sleep(tenancy.settings.usage.flush_seconds)
-            try:
-                tenancy.save_record()
-            except OSError as exc:
-                log.warning("usage_record_not_saved", error=str(exc))
+            every = tenancy.settings.usage.flush_seconds
+            await asyncio.sleep(min(every, _SHARE_EVERY) if tenancy.shared else every)
+            await tenancy.flush_shared()
+            if asyncio.get_running_loop().time() - saved >= every:
+                saved = asyncio.get_running_loop().time()
+                try:
+                    tenancy.save_record()
+                except OSError as exc:
+                    log.warning("usage_record_not_saved", error=str(exc))
 
     attach()
     runtime.on_reload.append(reload)
@@ -118,6 +132,8 @@ async def tenancy_component(app: web.Application) -> AsyncIterator[None]:
             await task
         runtime.on_reload.remove(reload)
         proxy.tenancy = None
+        with contextlib.suppress(Exception):  # Redis may be gone: the record keeps it
+            await tenancy.flush_shared()
         try:
             tenancy.save_record()
         except OSError as exc:

@@ -116,58 +116,70 @@ class TenantLimits:
         return self.requests is not None or self.tokens is not None
 
     def _period(self, wall: float) -> None:
-        length = period_seconds(self.config.budget_period)
-        start = wall - wall % length
+        start = self.period_start(wall)
         if start != self.budget_start:
             self.budget_start, self.budget_used = start, 0
 
+    @property
+    def shared(self) -> bool:
+        """Whether a cluster keeps this tenant's per minute limits and budget."""
+        config = self.config
+        return bool(config.requests_per_minute or config.tokens_per_minute or config.budget_tokens)
+
+    def period_start(self, wall: float) -> float:
+        length = period_seconds(self.config.budget_period)
+        return wall - wall % length
+
+    def refusal(self, limit: str, wait: float, wall: float) -> Refusal:
+        """The 429 for ``limit``, saying what the limit is and when to try again."""
+        config, name = self.config, self.config.name
+        if limit == "in_flight":
+            message = f"tenant {name!r} has {self.in_flight} requests in flight, its max_in_flight"
+        elif limit == "budget":
+            wait = self.period_start(wall) + period_seconds(config.budget_period) - wall
+            message = (
+                f"tenant {name!r} used its budget of {config.budget_tokens} tokens per "
+                f"{config.budget_period}; it renews in {duration(wait)}"
+            )
+        else:
+            per_minute = (
+                config.requests_per_minute if limit == "requests" else config.tokens_per_minute
+            )
+            message = (
+                f"tenant {name!r} reached its limit of {per_minute} {limit} per minute; "
+                f"try again in {duration(wait)}"
+            )
+        return Refusal(limit, message, wait)
+
     def admit(self, estimate: int, now: float, wall: float) -> Refusal | None:
         """Take one request of about ``estimate`` tokens, or say which limit refuses it."""
-        config, name = self.config, self.config.name
+        config = self.config
         if config.max_in_flight and self.in_flight >= config.max_in_flight:
-            return Refusal(
-                "in_flight",
-                f"tenant {name!r} has {self.in_flight} requests in flight, its max_in_flight",
-                1.0,
-            )
+            return self.refusal("in_flight", 1.0, wall)
         if config.budget_tokens:
             self._period(wall)
             if self.budget_used + self.budget_held >= config.budget_tokens:
-                left = self.budget_start + period_seconds(config.budget_period) - wall
-                return Refusal(
-                    "budget",
-                    f"tenant {name!r} used its budget of {config.budget_tokens} tokens per "
-                    f"{config.budget_period}; it renews in {duration(left)}",
-                    left,
-                )
+                return self.refusal("budget", 0.0, wall)
         requests, tokens = self.requests, self.tokens
         if requests is not None:
             requests.refill(now)
             if requests.level < 1:
-                wait = requests.seconds_until(1)
-                return Refusal(
-                    "requests",
-                    f"tenant {name!r} reached its limit of {config.requests_per_minute} "
-                    f"requests per minute; try again in {duration(wait)}",
-                    wait,
-                )
+                return self.refusal("requests", requests.seconds_until(1), wall)
         if tokens is not None:
             tokens.refill(now)
             if tokens.level < min(estimate, tokens.capacity) or tokens.level <= 0:
-                wait = tokens.seconds_until(max(1, estimate))
-                return Refusal(
-                    "tokens",
-                    f"tenant {name!r} reached its limit of {config.tokens_per_minute} "
-                    f"tokens per minute; try again in {duration(wait)}",
-                    wait,
-                )
+                return self.refusal("tokens", tokens.seconds_until(max(1, estimate)), wall)
         if requests is not None:
             requests.level -= 1
         if tokens is not None:
             tokens.level -= estimate
-        self.in_flight += 1
-        self.budget_held += estimate if config.budget_tokens else 0
+        self.admitted(estimate)
         return None
+
+    def admitted(self, estimate: int) -> None:
+        """Count a request admitted (here, or by the cluster's shared limits)."""
+        self.in_flight += 1
+        self.budget_held += estimate if self.config.budget_tokens else 0
 
     def finish(self, estimate: int, used: int | None, now: float, wall: float) -> None:
         """A request ended; ``used`` is what its answer said (None: it said nothing, and
@@ -181,16 +193,22 @@ class TenantLimits:
             self.tokens.refill(now)
             self.tokens.level -= used - estimate
 
-    def headers(self) -> dict[str, str]:
-        """OpenAI's rate-limit headers, for every answer of a limited tenant."""
+    def headers(
+        self, requests_left: float | None = None, tokens_left: float | None = None
+    ) -> dict[str, str]:
+        """OpenAI's rate-limit headers, for every answer of a limited tenant: from this
+        gateway's buckets, or from what the cluster's said (``*_left``)."""
         out: dict[str, str] = {}
-        for kind, bucket, limit in (
-            ("requests", self.requests, self.config.requests_per_minute),
-            ("tokens", self.tokens, self.config.tokens_per_minute),
+        for kind, bucket, limit, left in (
+            ("requests", self.requests, self.config.requests_per_minute, requests_left),
+            ("tokens", self.tokens, self.config.tokens_per_minute, tokens_left),
         ):
-            if bucket is None:
+            if not limit:
                 continue
+            if left is None and bucket is not None:
+                left = bucket.level
+            left = max(0.0, left or 0.0)
             out[f"x-ratelimit-limit-{kind}"] = str(limit)
-            out[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(bucket.level)))
-            out[f"x-ratelimit-reset-{kind}"] = duration(bucket.reset_seconds())
+            out[f"x-ratelimit-remaining-{kind}"] = str(math.floor(left))
+            out[f"x-ratelimit-reset-{kind}"] = duration((limit - left) * 60 / limit)
         return out

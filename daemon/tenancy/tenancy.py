@@ -12,6 +12,7 @@ with no limits, and the gateway skips all of this (``enabled`` is False).
 
 from __future__ import annotations
 
+import datetime as dt
 import fnmatch
 import ipaddress
 import json
@@ -23,11 +24,13 @@ from typing import IO, Any
 
 from daemon.logs import get_logger
 from daemon.metrics import Metrics
+from daemon.ports import SharedQuota
+from daemon.sections import period_seconds
 from daemon.settings import DEFAULT_TENANT, Settings, TenantSettings
 from daemon.tenancy.fair import Share
 from daemon.tenancy.keys import KeyDirectory, load_directory
 from daemon.tenancy.limits import Refusal, TenantLimits
-from daemon.tenancy.usage import UsageBook, day_of
+from daemon.tenancy.usage import UsageBook, day_of, merge_days
 
 __all__ = ["Refusal", "Tenancy", "Ticket"]
 
@@ -78,6 +81,7 @@ class Tenancy:
         self.wall = wall
         self.tenants: dict[str, _Tenant] = {}
         self.book = UsageBook()
+        self.shared: SharedQuota | None = None  # with a cluster: limits and usage in Redis
         self._access: IO[str] | None = None
         self.configure(settings)
 
@@ -155,15 +159,37 @@ class Tenancy:
 
     # -- admission ----------------------------------------------------------------------
 
-    def admit(self, tenant: str, model: str, estimate: int) -> Ticket | Refusal:
+    async def admit(self, tenant: str, model: str, estimate: int) -> Ticket | Refusal:
+        """Admit a request of about ``estimate`` tokens, or the refusal (429)."""
         entry = self.tenants[tenant]
+        limits = entry.limits
         now, wall = self.clock(), self.wall()
-        refusal = entry.limits.admit(estimate, now, wall)
+        shared = self.shared
+        refusal: Refusal | None = None
+        headers: dict[str, str] | None = None
+        if shared is not None and limits.shared:
+            config = limits.config
+            if config.max_in_flight and limits.in_flight >= config.max_in_flight:
+                refusal = limits.refusal("in_flight", 1.0, wall)
+            else:
+                answer = await shared.take(config, estimate, limits.period_start(wall))
+                if answer is None:  # Redis is down: this gateway's share, alone
+                    limits.set_share(1 / max(1, shared.gateways), now)
+                elif answer.refused is not None:
+                    refusal = limits.refusal(answer.refused, answer.wait, wall)
+                else:
+                    limits.admitted(estimate)
+                    headers = limits.headers(answer.requests_left, answer.tokens_left)
+                if answer is not None:
+                    limits.set_share(1.0, now)
+        if headers is None and refusal is None:
+            refusal = limits.admit(estimate, now, wall)
+            headers = limits.headers()
         if refusal is not None:
             self.refused(tenant, model, refusal)
             return refusal
         self.metrics.tenant_in_flight.labels(tenant).inc()
-        return Ticket(tenant, model, estimate, entry.share, entry.limits.headers(), now)
+        return Ticket(tenant, model, estimate, entry.share, headers or {}, now)
 
     def headers(self, tenant: str) -> dict[str, str]:
         """The rate-limit headers of ``tenant`` now (for a refusal)."""
@@ -196,10 +222,13 @@ class Tenancy:
         if used is None and status < 300:
             used = ticket.estimate  # an answer without counts: its estimate stands
         if entry is not None:
-            entry.limits.finish(ticket.estimate, used, now, wall)
             limits = entry.limits
+            limits.finish(ticket.estimate, used, now, wall)
             if limits.config.budget_tokens:
                 self.book.budgets[ticket.tenant] = (limits.budget_start, limits.budget_used)
+            if self.shared is not None and limits.shared and used is not None:
+                delta = used - ticket.estimate
+                self.shared.settle(limits.config, delta, used, limits.period_start(wall))
         tenant, model, m = ticket.tenant, ticket.model, self.metrics
         m.tenant_in_flight.labels(tenant).dec()
         m.tenant_requests.labels(tenant, model, str(status)).inc()
@@ -260,9 +289,38 @@ class Tenancy:
             self.book.prune(day_of(self.wall()), self.settings.usage.days_kept)
             self.book.save(self.record_path)
 
-    def view(self, since: str, tenant: str | None, queued: dict[str, int]) -> dict[str, Any]:
-        """``/admin/usage``: each tenant's settings, state now and usage since ``since``."""
-        used = self.book.summary(since, tenant)
+    async def flush_shared(self) -> None:
+        """Send usage and settled answers to the cluster (every flush while one is on)."""
+        if self.shared is None:
+            return
+        pending = self.book.take_pending()
+        periods = {n: period_seconds(e.config.budget_period) for n, e in self.tenants.items()}
+        if not await self.shared.flush(pending, periods):
+            self.book.restore_pending(pending)
+
+    async def shared_days(self, since: str) -> dict[str, Any] | None:
+        """Every gateway's usage from ``since`` (a cluster's, from Redis); None without a
+        cluster or while Redis does not answer."""
+        shared = self.shared
+        if shared is None:
+            return None
+        today = dt.date.fromisoformat(day_of(self.wall()))
+        start = min(dt.date.fromisoformat(since), today)
+        count = min((today - start).days + 1, self.settings.usage.days_kept)
+        wanted = [(today - dt.timedelta(days=i)).isoformat() for i in range(count)]
+        rows = await shared.usage_rows(wanted)
+        return merge_days(rows) if rows is not None else None
+
+    def view(
+        self,
+        since: str,
+        tenant: str | None,
+        queued: dict[str, int],
+        days: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """``/admin/usage``: each tenant's settings, state now and usage since ``since``;
+        ``days``: the cluster's usage (see :meth:`shared_days`), else this gateway's."""
+        used = self.book.summary(since, tenant, days)
         out = []
         for name, entry in sorted(self.tenants.items()):
             if tenant is not None and name != tenant:
@@ -293,4 +351,12 @@ class Tenancy:
         out.extend(
             {"tenant": name, "removed": True, "usage": usage} for name, usage in used.items()
         )
-        return {"since": since, "tenants": out}
+        view: dict[str, Any] = {"since": since, "counted_by": "this gateway", "tenants": out}
+        if days is not None:
+            view["counted_by"] = "every gateway"
+        elif self.shared is not None:
+            view["note"] = (
+                "Redis does not answer: this gateway's own counts, and each limit enforced "
+                f"as its share alone (1/{self.shared.gateways})"
+            )
+        return view

@@ -44,6 +44,7 @@ class UsageBook:
         self.days: dict[str, dict[str, dict[str, Counts]]] = {}
         self.budgets: dict[str, tuple[float, int]] = {}  # tenant → (period start, tokens)
         self.pending: dict[tuple[str, str, str, str], float] = {}  # not yet in Redis
+        self.collect = False  # whether to collect ``pending`` (a cluster takes it)
         self.dirty = False
 
     def add(self, wall: float, tenant: str, model: str, counts: Mapping[str, float]) -> None:
@@ -52,8 +53,9 @@ class UsageBook:
         for name, value in counts.items():
             if value:
                 row[name] = row.get(name, 0) + value
-                key = (day, tenant, model, name)
-                self.pending[key] = self.pending.get(key, 0) + value
+                if self.collect:
+                    key = (day, tenant, model, name)
+                    self.pending[key] = self.pending.get(key, 0) + value
         self.dirty = True
 
     @staticmethod
@@ -69,6 +71,11 @@ class UsageBook:
     def take_pending(self) -> dict[tuple[str, str, str, str], float]:
         pending, self.pending = self.pending, {}
         return pending
+
+    def restore_pending(self, pending: Mapping[tuple[str, str, str, str], float]) -> None:
+        """Counts a cluster could not take: sent again with the next ones."""
+        for key, value in pending.items():
+            self.pending[key] = self.pending.get(key, 0) + value
 
     def summary(
         self,
