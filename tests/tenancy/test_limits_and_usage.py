@@ -153,3 +153,26 @@ async def test_usage_equals_what_the_nodes_counted_and_no_key_shows(
     for key in KEYS.values():
         assert key not in everything
     assert 'olmd_tenant_tokens_total{kind="prompt",model="llama3.1:8b",tenant="chat"}' in pages[1]
+
+
+@pytest.mark.parametrize(
+    ("trusted", "expected"), [(["127.0.0.0/8"], (200, 403)), (["10.0.0.0/8"], (401, 401))]
+)
+async def test_a_tenant_header_counts_only_from_trusted_proxies(
+    trusted: list[str], expected: tuple[int, int]
+) -> None:
+    tenants = [{"name": "chat", "requests_per_minute": 100}, {"name": "capped"}]
+    async with nodes(1, num_parallel=0, tokens=2) as emus:
+        settings = tenant_settings(emus, tenants)
+        settings["server"] |= {"tenant_header": "X-Forwarded-User", "trusted_proxies": trusted}
+        async with running_olmd(settings) as s, aiohttp.ClientSession() as http:
+            url = str(s.make_url("")).rstrip("/")
+            body = {"model": MODEL, "prompt": "hi", "stream": False}
+            statuses = []
+            for user in ("chat", "mallory"):
+                headers = {"X-Forwarded-User": user}
+                async with http.post(url + "/api/generate", json=body, headers=headers) as resp:
+                    statuses.append(resp.status)
+                    if resp.status == 200:
+                        assert resp.headers["x-ratelimit-limit-requests"] == "100"
+            assert tuple(statuses) == expected
