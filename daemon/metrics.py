@@ -57,9 +57,16 @@ class FleetStats(Protocol):
     def __iter__(self) -> Iterator[NodeStats]: ...
 
 
+class QueueStats(Protocol):
+    @property
+    def queued_by(self) -> Mapping[str, int]: ...
+
+
 class RouterStats(Protocol):
     @property
     def queued(self) -> int: ...
+    @property
+    def queue(self) -> QueueStats: ...
     def slots(self, node: Any) -> int: ...
 
 
@@ -249,27 +256,35 @@ class Metrics:
             ["tenant"],
             registry=r,
         )
-        self.tenant_queued = Gauge(
-            "olmd_tenant_queued",
-            "A tenant's requests waiting in olmd for a slot",
-            ["tenant"],
-            registry=r,
-        )
+        # olmd_tenant_queued is read from the fleet-wide queue at scrape time (see
+        # _FleetCollector), for every tenant that has had a request admitted.
 
     def watch_fleet(
         self, fleet: Callable[[], FleetStats], router: Callable[[], RouterStats]
     ) -> None:
         """Export node state from the live fleet at every scrape."""
-        self.registry.register(_FleetCollector(fleet, router))
+        self.registry.register(_FleetCollector(fleet, router, self._tenants_seen))
+
+    def _tenants_seen(self) -> list[str]:
+        """Tenants with a request admitted since start (their in-flight gauge exists)."""
+        return [
+            s.labels["tenant"] for family in self.tenant_in_flight.collect() for s in family.samples
+        ]
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
 
 class _FleetCollector(Collector):
-    def __init__(self, fleet: Callable[[], FleetStats], router: Callable[[], RouterStats]) -> None:
+    def __init__(
+        self,
+        fleet: Callable[[], FleetStats],
+        router: Callable[[], RouterStats],
+        tenants: Callable[[], Iterable[str]],
+    ) -> None:
         self._fleet = fleet
         self._router = router
+        self._tenants = tenants
 
     def collect(self) -> Iterable[Metric]:
         fleet, router = self._fleet(), self._router()
@@ -332,6 +347,15 @@ class _FleetCollector(Collector):
         for model, on in fleet.panic_by_model(now).items():
             panic.add_metric([model], 1.0 if on else 0.0)
         yield panic
+        queued = GaugeMetricFamily(
+            "olmd_tenant_queued",
+            "A tenant's requests waiting in olmd for a slot",
+            labels=["tenant"],
+        )
+        by_tenant = router.queue.queued_by
+        for tenant in sorted({*self._tenants(), *by_tenant}):
+            queued.add_metric([tenant], by_tenant.get(tenant, 0))
+        yield queued
 
 
 # --- model sync ---------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """``olmd status``: a running daemon's fleet and sync, as ``kubectl get nodes`` shows a
 cluster. Reads ``GET /admin/nodes`` and ``GET /admin/sync`` with the admin token
-(``OLMD_ADMIN_TOKEN``, from the environment or ``.env``).
+(``OLMD_ADMIN_TOKEN``, from the environment or ``.env``); a daemon with no token set
+answers them on loopback without one, as it does its status page.
 
 Exit codes as everywhere in olmd: 0 the daemon answered, 1 it did not (or refused the
 token), 2 usage or settings error.
@@ -43,7 +44,8 @@ def register(subparsers: Any) -> None:
         "status",
         help="show a running daemon's nodes and model sync",
         description="Ask a running olmd (GET /admin/nodes and /admin/sync, with the admin "
-        "token from OLMD_ADMIN_TOKEN) for each node's state, weight, slots in use, models "
+        "token from OLMD_ADMIN_TOKEN, or on loopback while the daemon has none) for each "
+        "node's state, weight, slots in use, models "
         "held and loaded, ejections, cooldown left and last error, and the sync's state: "
         "the run in progress, the last run, the schedule and window, the manifest.",
         epilog="Exit status: 0 the daemon answered, 1 it did not or refused the token, 2 usage "

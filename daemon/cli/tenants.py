@@ -131,20 +131,6 @@ USAGE_COLUMNS = (
 )
 
 
-def _limits(limits: dict[str, Any]) -> str:
-    parts = []
-    for key, label in (
-        ("requests_per_minute", "req/min"),
-        ("tokens_per_minute", "tok/min"),
-        ("max_in_flight", "at once"),
-    ):
-        if limits.get(key):
-            parts.append(f"{limits[key]:,} {label}")
-    if limits.get("budget_tokens"):
-        parts.append(f"budget {limits['budget_tokens']:,}/{limits['budget_period']}")
-    return ", ".join(parts) or "none"
-
-
 def render_usage(view: dict[str, Any], url: str) -> str:
     """The usage for people: one row per tenant, then its models."""
     lines = [f"olmd at {url} · usage since {view['since']} (UTC days)"]
@@ -154,9 +140,6 @@ def render_usage(view: dict[str, Any], url: str) -> str:
     for entry in view["tenants"]:
         totals = entry["usage"]["totals"]
         now = f"{entry.get('in_flight', 0)} in flight, {entry.get('queued', 0)} queued"
-        budget = ""
-        if entry.get("budget_used") is not None:
-            budget = f" (used {entry['budget_used']:,})"
         rows.append(
             [
                 entry["tenant"] + (" (removed)" if entry.get("removed") else ""),
@@ -175,7 +158,7 @@ def render_usage(view: dict[str, Any], url: str) -> str:
                     )
                 ),
                 now if "in_flight" in entry else "-",
-                _limits(entry.get("limits") or {}) + budget,
+                views.tenant_limits(entry),
             ]
         )
         for model, counts in sorted(entry["usage"]["models"].items()):

@@ -1,5 +1,6 @@
-"""The status page at ``/ui``: the fleet table, each node's time to first token and
-request rate over the last minutes, the sync's progress and the last manifest.
+"""The status page at ``/ui``: the fleet table, the teams (with tenancy on), each node's
+time to first token and request rate over the last minutes, the sync's progress and the
+last manifest.
 
 ``GET /ui`` is the page (rendered here, kept live by its script), ``GET /ui/status.json``
 the view it polls, composed from the admin views (``/admin/nodes``, ``/admin/sync``).
@@ -12,7 +13,11 @@ The charts come from :class:`History`: every ``STEP`` seconds a sampler reads th
 request counter and the measured time-to-first-token histogram (``daemon.metrics``) per
 node and keeps the differences for ``WINDOW`` seconds. Time to first token is measured
 for requests a cost-aware strategy (``adaptive``) routed; under a classic strategy the
-chart says there is no data.
+chart says there is no data. Each chart comes with its scale: gridlines at round values
+of its unit (ms or s, req/s) and the time axis in minutes.
+
+The teams' table is ``/admin/usage`` for today (UTC) with each tenant's queue wait over
+the charts' window, from the tenant queue wait histogram the sampler also keeps.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,7 +34,7 @@ from aiohttp import web
 
 from daemon import __version__
 from daemon.gateway import views
-from daemon.gateway.admin import nodes_view, sync_view
+from daemon.gateway.admin import nodes_view, sync_view, usage_view
 from daemon.gateway.component import GATEWAY
 from daemon.gateway.guard import (
     UI_COOKIE,
@@ -39,13 +44,24 @@ from daemon.gateway.guard import (
     ui_allowed,
     ui_session,
 )
-from daemon.gateway.ui_page import LOGIN_CSP, PAGE_CSP, render_login, render_page
+from daemon.gateway.tenants import TENANCY
+from daemon.gateway.ui_page import LOGIN_CSP, PAGE_CSP, plot, render_login, render_page
+from daemon.gateway.views import Waits
 from daemon.gateway.wire import json_error
 from daemon.logs import get_logger
 from daemon.metrics import Metrics
 from daemon.runtime import RUNTIME
 
-__all__ = ["HISTORY", "STEP", "WINDOW", "History", "add_routes", "metric_totals", "page_view"]
+__all__ = [
+    "HISTORY",
+    "STEP",
+    "WINDOW",
+    "History",
+    "add_routes",
+    "metric_totals",
+    "page_view",
+    "queue_waits",
+]
 
 log = get_logger("olmd.ui")
 
@@ -73,6 +89,7 @@ class History:
         self._points: dict[str, deque[Point]] = {}
         self._last: dict[str, Totals] = {}
         self._at: float | None = None
+        self._waits: deque[tuple[float, Waits]] = deque(maxlen=int(window / step) + 1)
 
     def sample(self, now: float, totals: Mapping[str, Totals], nodes: Iterable[str] = ()) -> None:
         if self._at is not None:
@@ -91,6 +108,15 @@ class History:
 
     def series(self, node: str) -> list[Point]:
         return list(self._points.get(node, ()))
+
+    def sample_waits(self, now: float, waits: Waits) -> None:
+        """The tenants' cumulative queue waits now (their difference is the window's)."""
+        self._waits.append((now, waits))
+
+    def waits_since(self) -> Waits:
+        """The oldest reading inside the window; none (counted from start) before one."""
+        start = self.clock() - self.window
+        return next((w for at, w in self._waits if at >= start), {})
 
 
 HISTORY = web.AppKey("olmd_ui_history", History)
@@ -119,8 +145,10 @@ def _node_names(app: web.Application) -> list[str]:
 
 def take_sample(app: web.Application) -> None:
     """One sample of every node into the app's history (the sampler's tick)."""
-    history = app[HISTORY]
-    history.sample(history.clock(), metric_totals(app[RUNTIME].metrics), _node_names(app))
+    history, metrics = app[HISTORY], app[RUNTIME].metrics
+    now = history.clock()
+    history.sample(now, metric_totals(metrics), _node_names(app))
+    history.sample_waits(now, queue_waits(metrics))
 
 
 async def _sampler(app: web.Application) -> None:
@@ -144,40 +172,63 @@ async def history_context(app: web.Application) -> AsyncIterator[None]:
             await task
 
 
-# ---------------------------------------------------------------- the view
-
-
-def _path(points: Sequence[tuple[float, float | None]], start: float, span: float) -> str:
-    """An SVG path over a 120×32 box: time across, value up, gaps where there is none."""
-    values = [v for _, v in points if v is not None]
-    top = max(values, default=0.0) or 1.0
-    out, pen = [], "M"
-    for at, value in points:
-        if value is None:
-            pen = "M"
-            continue
-        x = 120 * min(max((at - start) / span, 0.0), 1.0)
-        out.append(f"{pen}{x:.1f},{31 - 29 * value / top:.1f}")
-        pen = "L"
-    return " ".join(out)
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+# ---------------------------------------------------------------- the charts
 
 
 def _chart(node: str, series: list[Point], now: float, window: float) -> dict[str, Any]:
     start = now - window
     rates = [(at, rate) for at, rate, _ in series]
     ttfts = [(at, ttft) for at, _, ttft in series]
-    last_rate = f"{rates[-1][1]:.2f}/s" if rates else "no data yet"
+    last_rate = f"{rates[-1][1]:.2f} req/s" if rates else "no data yet"
     seen = [t for _, t in ttfts if t is not None]
-    last_ttft = "no data" if not seen else _duration(seen[-1])
+    last_ttft = "no data" if not seen else views.duration(seen[-1])
+    # Seconds when the slowest point is a second or more, else milliseconds.
+    scale, unit = (1.0, "s") if max(seen, default=0.0) >= 1 else (1000.0, "ms")
+    ttfts = [(at, None if t is None else t * scale) for at, t in ttfts]
     return {
         "node": node,
-        "rate": {"d": _path(rates, start, window), "label": last_rate},
-        "ttft": {"d": _path(ttfts, start, window), "label": last_ttft},
+        "ttft": plot("time to first token", unit, ttfts, start, window, last_ttft),
+        "rate": plot("requests", "req/s", rates, start, window, last_rate),
     }
+
+
+# ---------------------------------------------------------------- the teams
+
+
+def queue_waits(metrics: Metrics) -> Waits:
+    """Per tenant: the queue wait histogram's cumulative buckets, sum and count."""
+    rows: dict[str, tuple[dict[float, float], list[float]]] = {}
+    for family in metrics.tenant_queue_wait.collect():
+        for s in family.samples:
+            buckets, totals = rows.setdefault(s.labels["tenant"], ({}, [0.0, 0.0]))
+            if s.name.endswith("_bucket"):
+                buckets[float(s.labels["le"])] = s.value
+            elif s.name.endswith("_sum"):
+                totals[0] = s.value
+            elif s.name.endswith("_count"):
+                totals[1] = s.value
+    return {tenant: (tuple(sorted(b.items())), t[0], t[1]) for tenant, (b, t) in rows.items()}
+
+
+def _teams(app: web.Application, history: History) -> dict[str, Any] | None:
+    tenancy = app.get(TENANCY)
+    if tenancy is None or not tenancy.enabled:
+        return None
+    view = usage_view(app, f"{datetime.now(UTC).date():%Y-%m-%d}", None)
+    now, before = queue_waits(app[RUNTIME].metrics), history.waits_since()
+    return {
+        "columns": views.TENANT_COLUMNS,
+        "rows": [
+            {
+                "key": entry["tenant"],
+                "cells": views.tenant_cells(entry, views.queue_wait(now, before, entry["tenant"])),
+            }
+            for entry in view["tenants"]
+        ],
+    }
+
+
+# ---------------------------------------------------------------- the view
 
 
 def page_view(app: web.Application) -> dict[str, Any]:
@@ -205,6 +256,7 @@ def page_view(app: web.Application) -> dict[str, Any]:
             {"key": n["name"], "cls": f"state-{n['state']}", "cells": views.node_cells(n)}
             for n in fleet["nodes"]
         ],
+        "teams": _teams(app, history),
         "charts": [
             _chart(n["name"], history.series(n["name"]), moment, history.window)
             for n in fleet["nodes"]

@@ -1,12 +1,14 @@
-"""What an operator reads: the fleet table and the sync's lines, from the admin views'
-JSON (``GET /admin/nodes``, ``GET /admin/sync``). The status page and ``olmd status``
-both show these, so the two never disagree about what a column means.
+"""What an operator reads: the fleet table, the sync's lines and the teams' table, from
+the admin views' JSON (``GET /admin/nodes``, ``GET /admin/sync``, ``GET /admin/usage``).
+The status page and the CLI both show these, so they never disagree about what a column
+means.
 
 Pure functions of plain JSON data: no I/O, no clock (ages come in as given).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -14,13 +16,18 @@ from typing import Any
 __all__ = [
     "MANIFEST_COLUMNS",
     "NODE_COLUMNS",
+    "TENANT_COLUMNS",
+    "duration",
     "human_bytes",
     "manifest_rows",
     "node_cells",
     "pulls",
+    "queue_wait",
     "short_time",
     "sync_lines",
     "table",
+    "tenant_cells",
+    "tenant_limits",
 ]
 
 NODE_COLUMNS = (
@@ -36,8 +43,21 @@ NODE_COLUMNS = (
     "LAST ERROR",
 )
 MANIFEST_COLUMNS = ("NODE", "REACHABLE", "OLLAMA", "MODELS", "STATUSES", "NOT OK")
+TENANT_COLUMNS = (
+    "TENANT",
+    "PRIORITY",
+    "IN FLIGHT",
+    "QUEUED",
+    "REQUESTS TODAY",
+    "TOKENS TODAY",
+    "429S TODAY",
+    "QUEUE WAIT, 15 MIN",
+    "LIMITS",
+)
 
 Json = Mapping[str, Any]
+Buckets = tuple[tuple[float, float], ...]  # (upper bound, cumulative count), +Inf last
+Waits = dict[str, tuple[Buckets, float, float]]  # tenant → queue wait buckets, sum, count
 
 
 def human_bytes(count: float) -> str:
@@ -91,6 +111,90 @@ def node_cells(node: Json) -> list[str]:
         _seconds(cooldown) if cooldown > 0 else "-",
         "never" if age is None else f"{_seconds(float(age))} ago",
         " ".join(str(node.get("last_error") or "-").split()),
+    ]
+
+
+def duration(seconds: float) -> str:
+    """``0.42 ms`` under 10 ms (two digits), ``420 ms`` under a second, ``2.35 s`` from one."""
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    return f"{seconds * 1000:.2g} ms" if 0 < seconds < 0.01 else f"{seconds * 1000:.0f} ms"
+
+
+def queue_wait(now: Waits, before: Waits, tenant: str) -> str:
+    """A tenant's queue wait between two readings of its histogram: the p95 (interpolated
+    within its bucket, as Prometheus' histogram_quantile does; "under" the lowest bound
+    when it falls below it, "over" the highest beyond it) and the mean; "-" without
+    requests."""
+    buckets, total, count = now.get(tenant, ((), 0.0, 0.0))
+    old_buckets, old_total, old_count = before.get(tenant, ((), 0.0, 0.0))
+    done = count - old_count
+    if done <= 0:
+        return "-"
+    old = dict(old_buckets)
+    rank, below, lower, p95 = 0.95 * done, 0.0, 0.0, ""
+    for upper, cumulative in buckets:
+        seen = cumulative - old.get(upper, 0.0)
+        if math.isinf(upper):
+            p95 = f"over {duration(lower)}"
+            break
+        if seen >= rank:
+            if not lower:
+                p95 = f"under {duration(upper)}"
+            else:
+                p95 = duration(lower + (upper - lower) * (rank - below) / max(seen - below, 1e-9))
+            break
+        below, lower = seen, upper
+    return f"p95 {p95}, mean {duration((total - old_total) / done)}"
+
+
+def tenant_limits(entry: Json) -> str:
+    """A tenant's limits and budget in one phrase (``"30 req/min, 8 at once"``)."""
+    limits: Json = entry.get("limits") or {}
+    parts = [
+        f"{limits[key]:,} {label}"
+        for key, label in (
+            ("requests_per_minute", "req/min"),
+            ("tokens_per_minute", "tok/min"),
+            ("max_in_flight", "at once"),
+        )
+        if limits.get(key)
+    ]
+    if limits.get("budget_tokens"):
+        budget = f"budget {limits['budget_tokens']:,}/{limits.get('budget_period')}"
+        if entry.get("budget_used") is not None:
+            budget += f" (used {entry['budget_used']:,})"
+        parts.append(budget)
+    return ", ".join(parts) or "none"
+
+
+def _of(count: Any, limit: Any) -> str:
+    return f"{count}/{limit}" if limit else str(count)
+
+
+def tenant_cells(entry: Json, wait: str) -> list[str]:
+    """One row of the teams' table, in ``TENANT_COLUMNS`` order, for one tenant of
+    ``/admin/usage`` (usage since today); ``wait`` is its queue wait, formatted."""
+    totals: Json = (entry.get("usage") or {}).get("totals") or {}
+    tokens = int(totals.get("prompt_tokens", 0)) + int(totals.get("completion_tokens", 0))
+    counts = [
+        f"{int(totals.get('requests', 0)):,}",
+        f"{tokens:,}",
+        f"{int(totals.get('rate_limited', 0)):,}",
+    ]
+    if entry.get("removed"):
+        return [f"{entry.get('tenant')} (removed)", "-", "-", "-", *counts, wait, "-"]
+    limits: Json = entry.get("limits") or {}
+    weight = float(entry.get("weight") or 1)
+    priority = str(entry.get("priority", "-"))
+    return [
+        str(entry.get("tenant")),
+        priority if weight == 1 else f"{priority}, weight {weight:g}",
+        _of(entry.get("in_flight", 0), limits.get("max_in_flight")),
+        _of(entry.get("queued", 0), limits.get("queue_limit")),
+        *counts,
+        wait,
+        tenant_limits(entry),
     ]
 
 

@@ -1,5 +1,6 @@
 """``olmd status`` end to end: the real command line against a running daemon with one
-node down and a sync in progress."""
+node down and a sync in progress; and who may ask: on loopback with no admin token set,
+``olmd status`` and ``olmd usage`` answer as ``/ui`` does, with a token set they need it."""
 
 from __future__ import annotations
 
@@ -128,3 +129,62 @@ async def test_status_without_the_token_or_the_daemon_says_why(
     assert "/admin/nodes answered HTTP 403: this route needs the admin token" in err
     code, _, err = await run_cli(capsys, "status", "--url", "http://127.0.0.1:9")
     assert code == 1 and "http://127.0.0.1:9/admin/" in err
+
+
+@pytest.fixture
+async def one_node() -> AsyncIterator[list[tuple[str, int, Emulator]]]:
+    node = Emulator(EmulatorConfig(name="a", models=["llama3.1:8b"]))
+    await node.start()
+    try:
+        yield [("a", 1, node)]
+    finally:
+        await node.stop()
+
+
+def _with_a_tenant(nodes: list[tuple[str, int, Emulator]], tmp_path: Path) -> Path:
+    data = settings_dict(nodes)
+    data["tenants"] = [{"name": "chat", "requests_per_minute": 60}]
+    data["server"] |= {"tenant_header": "X-Team", "trusted_proxies": ["127.0.0.1/32"]}
+    data["usage"] = {"record": str(tmp_path / "usage.json")}
+    return write_settings(tmp_path / "settings.toml", data)
+
+
+async def test_status_and_usage_on_loopback_without_a_token(
+    one_node, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No admin token anywhere: the read-only views answer on loopback, as /ui does."""
+    monkeypatch.delenv("OLMD_ADMIN_TOKEN", raising=False)
+    config = _with_a_tenant(one_node, tmp_path)
+    async with running_olmd(load_settings(config)) as server:
+        url = str(server.make_url("")).rstrip("/")
+        code, out, err = await run_cli(capsys, "status", "--url", url, "--config", str(config))
+        assert code == 0, err
+        lines = out.splitlines()
+        assert lines[0].startswith(f"olmd at {url} · strategy weighted · 1 node(s): 1 healthy")
+        assert lines[3].split()[:3] == ["a", "healthy", "1"]
+        assert "  sync idle" in lines
+        code, out, err = await run_cli(capsys, "usage", "--url", url, "--config", str(config))
+        assert code == 0, err
+        assert [line.split()[:2] for line in out.splitlines()[3:5]] == [
+            ["chat", "interactive"],
+            ["default", "interactive"],
+        ]
+
+
+async def test_status_and_usage_with_a_token_set_and_none_given_are_refused(
+    one_node, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OLMD_ADMIN_TOKEN", TOKEN)
+    config = _with_a_tenant(one_node, tmp_path)
+    async with running_olmd(load_settings(config)) as server:
+        monkeypatch.delenv("OLMD_ADMIN_TOKEN")  # the daemon has one; the command line not
+        url = str(server.make_url("")).rstrip("/")
+        code, out, err = await run_cli(capsys, "status", "--url", url, "--config", str(config))
+        assert (code, out) == (1, "")
+        assert "/admin/nodes answered HTTP 403: this route needs the admin token" in err
+        code, out, err = await run_cli(capsys, "usage", "--url", url, "--config", str(config))
+        assert (code, out) == (1, "")
+        assert "/admin/usage answered HTTP 403: this route needs the admin token" in err
+        monkeypatch.setenv("OLMD_ADMIN_TOKEN", TOKEN)  # and with it, it answers
+        code, out, err = await run_cli(capsys, "status", "--url", url, "--config", str(config))
+        assert code == 0 and out.startswith(f"olmd at {url}"), err

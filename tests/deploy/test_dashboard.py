@@ -2,8 +2,8 @@
 
 The metric names come out of the dashboard's PromQL (panel targets, nested rows included, and
 the template variables' ``label_values`` queries); the exported names come from the registry
-of a running daemon that served real requests and ran a sync. Renaming a metric, or a label a
-panel selects on, fails here.
+of a running daemon with a tenant that served real requests (a 429 among them) and ran a
+sync. Renaming a metric, or a label a panel selects on, fails here.
 """
 
 from __future__ import annotations
@@ -228,7 +228,7 @@ def test_template_variables() -> None:
     variables = {v["name"]: v for v in load()["templating"]["list"]}
     source = variables["datasource"]
     assert (source["type"], source["query"]) == ("datasource", "prometheus")
-    for name in ("node", "model"):
+    for name in ("node", "model", "tenant"):
         var = variables[name]
         assert var["type"] == "query" and var["datasource"] == DATASOURCE
         assert var["query"]["query"] == var["definition"]
@@ -312,16 +312,35 @@ async def _traffic(http: aiohttp.ClientSession, server: Any, a: Emulator) -> Non
         assert await post("/api/generate", {"model": MODEL, "prompt": "x", "stream": False}) == 200
 
 
+async def _tenant_traffic(http: aiohttp.ClientSession, server: Any) -> None:
+    """Answers and a 429 for the tenant chat (two requests a minute), named by its proxy."""
+    statuses = []
+    for _ in range(3):
+        async with http.post(
+            str(server.make_url("/api/generate")),
+            json={"model": MODEL, "prompt": "hi", "stream": False},
+            headers={"X-Team": "chat"},
+        ) as response:
+            await response.read()
+            statuses.append(response.status)
+    assert statuses == [200, 200, 429]
+
+
 async def test_every_dashboard_metric_is_exported(nodes, tmp_path: Path) -> None:
     data = settings_dict(nodes)
     data["services"]["ollama"]["baseline_models"] = [MODEL, "qwen3:0.6b"]
     data["jobs"]["ollama_sync"]["manifest_path"] = str(tmp_path / "manifest.json")
+    # Tenants, so the tenant series exist: chat by a trusted proxy's header, else default.
+    data["server"] |= {"tenant_header": "X-Team", "trusted_proxies": ["127.0.0.1/32"]}
+    data["tenants"] = [{"name": "chat", "requests_per_minute": 2}]
+    data["usage"] = {"record": str(tmp_path / "usage.json")}
     async with running_olmd(data) as server, aiohttp.ClientSession() as http:
         sync = server.app[SYNC]
         assert await sync.start(SyncOptions(ignore_window=True), trigger="test")
         await eventually(lambda: not sync.running, timeout=20)
         assert sync.last_result is not None and sync.last_result.ok
         await _traffic(http, server, nodes[0][2])
+        await _tenant_traffic(http, server)
         names, samples = exported(server.app[RUNTIME].metrics.registry)
 
     for name in (
@@ -330,6 +349,13 @@ async def test_every_dashboard_metric_is_exported(nodes, tmp_path: Path) -> None
         "olmd_failovers_total",
         "olmd_stream_errors_total",
         "olmd_sync_pulls_total",
+        "olmd_tenant_requests_total",
+        "olmd_tenant_rate_limited_total",
+        "olmd_tenant_tokens_total",
+        "olmd_tenant_gpu_seconds_total",
+        "olmd_tenant_queue_wait_seconds_bucket",
+        "olmd_tenant_in_flight",
+        "olmd_tenant_queued",
     ):
         assert name in samples, f"the test's traffic did not create {name}"
     used: dict[str, set[str]] = {}

@@ -1,11 +1,13 @@
 """The status page at ``/ui``: who may see it (the admin token, a session cookie, loopback
-while no token is set), the history behind its charts, and the page itself as a real
-headless Chromium renders it, offline, with a screenshot kept as a test artifact."""
+while no token is set), the history behind its charts and their scales, the teams' table,
+and the page itself as a real headless Chromium renders it, offline, with a screenshot kept
+as a test artifact."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -20,9 +22,10 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from daemon.emulator.server import Emulator, EmulatorConfig
-from daemon.gateway import ui
+from daemon.gateway import ui, views
 from daemon.gateway.component import GATEWAY
 from daemon.gateway.guard import UI_COOKIE
+from daemon.gateway.ui_page import CHART_HEIGHT, nice_scale
 from daemon.service import build_app
 from daemon.settings import Settings, load_settings
 from tests.conftest import ROOT
@@ -111,6 +114,7 @@ async def test_without_a_token_only_loopback_sees_the_page(three) -> None:
         status, headers, page = await _get(http, server.make_url("/ui"))
         assert status == 200 and headers["Content-Type"].startswith("text/html")
         assert 'data-node="a"' in page
+        assert '<section id="teams-section" hidden>' in page  # no tenants: no teams
         status, headers, _ = await _get(http, server.make_url("/ui/login"))
         assert (status, headers["Location"]) == (303, "/ui")
     address = _outside_address()
@@ -163,12 +167,48 @@ async def test_the_view_charts_what_the_metrics_counted(three) -> None:
         clock[0] += 5
         ui.take_sample(app)
         view = ui.page_view(app)
+    assert view["teams"] is None  # no tenants, keys or tenant header
     charts = {c["node"]: c for c in view["charts"]}
     assert set(charts) == {"a", "b", "c"}
-    served = [c for c in charts.values() if c["rate"]["label"] != "0.00/s"]
+    served = [c for c in charts.values() if c["rate"]["label"] != "0.00 req/s"]
     assert served and all(c["ttft"]["label"].endswith((" ms", " s")) for c in served)
     assert all(c["rate"]["d"].startswith("M") for c in served)
-    assert charts["c"]["ttft"]["label"] == "no data"
+    assert charts["c"]["ttft"]["label"] == "no data" and charts["c"]["ttft"]["empty"] == "no data"
+    for chart in served:
+        for plot, unit in ((chart["rate"], "req/s"), (chart["ttft"], chart["ttft"]["unit"])):
+            assert unit in ("req/s", "ms", "s")
+            assert [t["text"] for t in plot["x"]] == ["-15 min", "-10 min", "-5 min", "now"]
+            values = [float(t["text"]) for t in plot["y"]]
+            assert values[0] == 0 and values == sorted(values) and 3 <= len(values) <= 5
+            heights = [float(y) for y in re.findall(r",([\d.]+)", plot["d"])]
+            # every point inside the plot, the highest at most the top gridline
+            assert all(plot["y"][-1]["at"] <= y <= plot["y"][0]["at"] for y in heights)
+            assert plot["y"][0]["at"] < CHART_HEIGHT
+
+
+def test_chart_scales_are_round_numbers() -> None:
+    assert nice_scale(0) == (1.0, 0.25)
+    assert nice_scale(0.9) == (1.0, 0.25)
+    assert nice_scale(37) == (40, 10)
+    assert nice_scale(130) == (150, 50)
+    assert nice_scale(4.2) == (6, 2)
+    assert nice_scale(0.012) == pytest.approx((0.015, 0.005))
+
+
+def test_queue_wait_is_the_windows_p95_and_mean() -> None:
+    inf = float("inf")
+    before = {"t": (((0.05, 10.0), (0.25, 10.0), (1.0, 10.0), (inf, 10.0)), 0.1, 10.0)}
+    # Since then: 20 requests, 10 under 50 ms, 8 under 250 ms, 2 under a second.
+    now = {"t": (((0.05, 20.0), (0.25, 28.0), (1.0, 30.0), (inf, 30.0)), 4.1, 30.0)}
+    # rank 19 of 20 falls in (0.25, 1]: 0.25 + 0.75 * (19 - 18) / 2
+    assert views.queue_wait(now, before, "t") == "p95 625 ms, mean 200 ms"
+    assert views.queue_wait(now, now, "t") == "-"
+    quick = {"t": (((0.05, 20.0), (0.25, 20.0), (1.0, 20.0), (inf, 20.0)), 0.1004, 20.0)}
+    assert views.queue_wait(quick, before, "t") == "p95 under 50 ms, mean 0.04 ms"
+    slow = {"t": (((0.05, 10.0), (0.25, 10.0), (1.0, 10.0), (inf, 30.0)), 60.1, 30.0)}
+    assert views.queue_wait(slow, before, "t") == "p95 over 1.00 s, mean 3.00 s"
+    assert views.queue_wait(now, {}, "other") == "-"
+    assert views.queue_wait(now, {}, "t").startswith("p95 ")  # from start, before a sample
 
 
 # ---------------------------------------------------------------- in a real browser
@@ -188,6 +228,13 @@ async def fleet_syncing(
     await dead.stop()
     data = settings_dict([("a", 2, a), ("b", 1, b), ("dead", 1, dead)], strategy="adaptive")
     data["services"]["ollama"]["baseline_models"] = ["qwen3:0.6b"]
+    # Two teams, named by a header from a trusted proxy (loopback, here).
+    data["server"] |= {"tenant_header": "X-Team", "trusted_proxies": ["127.0.0.1/32"]}
+    data["tenants"] = [
+        {"name": "chat", "requests_per_minute": 3, "max_in_flight": 4},
+        {"name": "batch", "priority": "batch", "weight": 2, "budget_tokens": 1_000_000},
+    ]
+    data["usage"] = {"record": str(tmp_path / "usage.json")}
     data["jobs"]["ollama_sync"]["manifest_path"] = str(tmp_path / "manifest.json")
     settings = load_settings(write_settings(tmp_path / "settings.toml", data))
     try:
@@ -195,7 +242,10 @@ async def fleet_syncing(
             for _ in range(3):
                 await server.app[GATEWAY].prober.probe_all()
             headers = {"Authorization": f"Bearer {TOKEN}"}
-            async with aiohttp.ClientSession(headers=headers) as http:
+            async with (
+                aiohttp.ClientSession(headers=headers | {"X-Team": "batch"}) as http,
+                aiohttp.ClientSession(headers={"X-Team": "chat"}) as chat,
+            ):
                 clock = _fake_clock(server.app)
                 for step in range(12):  # a few minutes of traffic, sampled as the sampler does
                     ui.take_sample(server.app)
@@ -203,6 +253,11 @@ async def fleet_syncing(
                         await post(http, server, "/api/generate", GENERATE)
                     clock[0] += 15
                 ui.take_sample(server.app)
+                # chat may send 3 a minute: 3 answers, then 2 refusals
+                answers = [
+                    (await post(chat, server, "/api/generate", GENERATE))[0] for _ in range(5)
+                ]
+                assert answers == [200, 200, 200, 429, 429]
                 async with http.post(
                     server.make_url("/admin/sync"), json={"ignore_window": True}
                 ) as response:
@@ -281,6 +336,42 @@ async def test_the_page_in_headless_chromium(fleet_syncing, tmp_path: Path) -> N
     assert "nightly sync off; window 02:00-06:00 UTC+8" in dom
     charts = re.findall(r'<figure class="chart" data-node="(\w+)">', dom)
     assert charts == ["a", "b", "dead"]
-    assert re.search(r'<path d="M[\d.]+,[\d.]+ L', dom)  # a line with points
-    assert "/s</b>" in dom and re.search(r"\d m?s</b>", dom)  # latest rate and TTFT labels
+    assert re.search(r'<path class="line" d="M[\d.]+,[\d.]+ L', dom)  # a line with points
+    assert " req/s</b>" in dom and re.search(r"\d m?s</b>", dom)  # latest rate and TTFT
+    # Each chart's scale: its unit, values on gridlines from 0, the time axis in minutes.
+    assert dom.count("<span>requests (req/s)</span>") == 3
+    assert len(re.findall(r"<span>time to first token \(m?s\)</span>", dom)) == 3
+    values = re.findall(
+        r'<line class="grid"[^>]*></line><text class="tick end"[^>]*>([\d.]+)<', dom
+    )
+    assert len(values) >= 6 * 3 and values.count("0") == 6, values
+    for label in ("-15 min", "-10 min", "-5 min", "now"):
+        assert dom.count(f">{label}</text>") == 6, label
     assert screenshot.stat().st_size > 10_000
+
+    # The teams, as the script drew them from /ui/status.json.
+    assert '<section id="teams-section">' in dom
+    teams = {
+        name: re.findall(r"<td>(.*?)</td>", cells)
+        for name, cells in re.findall(r'<tr data-tenant="(\w+)">(.*?)</tr>', dom)
+    }
+    assert list(teams) == ["batch", "chat", "default"]
+    columns = dict(enumerate(views.TENANT_COLUMNS))
+    chat = {columns[i]: cell for i, cell in enumerate(teams["chat"])}
+    batch = {columns[i]: cell for i, cell in enumerate(teams["batch"])}
+    assert chat["PRIORITY"] == "interactive" and batch["PRIORITY"] == "batch, weight 2"
+    assert (chat["IN FLIGHT"], chat["QUEUED"], batch["IN FLIGHT"]) == ("0/4", "0", "0")
+    assert (chat["REQUESTS TODAY"], chat["429S TODAY"]) == ("5", "2")
+    assert (batch["REQUESTS TODAY"], batch["429S TODAY"]) == (
+        str(sum(s % 6 + 1 for s in range(12))),
+        "0",
+    )
+    assert chat["LIMITS"] == "3 req/min, 4 at once"
+    async with aiohttp.ClientSession(headers=headers) as http:
+        _, _, body = await _get(http, server.make_url("/admin/usage"))
+    usage = {t["tenant"]: t["usage"]["totals"] for t in json.loads(body)["tenants"]}
+    for name, row in (("chat", chat), ("batch", batch)):
+        tokens = usage[name]["prompt_tokens"] + usage[name]["completion_tokens"]
+        assert tokens > 0 and row["TOKENS TODAY"] == f"{tokens:,}"
+    assert batch["LIMITS"] == f"budget 1,000,000/30d (used {tokens:,})"
+    assert re.fullmatch(r"p95 (under )?[\d.]+ m?s, mean [\d.]+ m?s", chat["QUEUE WAIT, 15 MIN"])
