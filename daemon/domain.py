@@ -254,7 +254,12 @@ class NodeHealth:
     - n decreases by one for every ``base_seconds`` the node then spends neither
       ejected nor down.
     - A refused connection (nothing listens) ejects at once, whatever the count.
-    - A good probe ends an ejection at once (``probe_unejects``), keeping n.
+    - A good probe ends an ejection caused by refused connections at once
+      (``probe_unejects``), keeping n: the node restarted and listens again. An ejection
+      caused by failed requests (5xx, timeouts, cut connections) is not ended by a probe,
+      which a node answering 500 to every generation passes: it ends with its cooldown,
+      and then the node is on trial (half-open): the next request's success puts it
+      back, its failure ejects it again at once, for longer (base × n, capped).
     - A 503 "server busy" takes the node out for ``busy_cooldown_seconds`` without
       counting as a failure; probes do not end it (a busy node answers probes fine).
     - ``fall`` failed probes in a row mark it down, ``rise`` good ones bring it back.
@@ -275,6 +280,10 @@ class NodeHealth:
     last_error: str | None = None
     probe_successes: int = 0  # consecutive, towards `rise`
     probe_failures: int = 0  # consecutive, towards `fall`
+    # What caused the current (or last) ejection: "refused" (a good probe ends it) or
+    # "requests" (its cooldown does, then a trial).
+    ejected_by: str = ""
+    trial: bool = False  # half-open: the next failure ejects at once
     # Start of the current healthy stretch that n decays over.
     _healthy_since: float = field(default=-math.inf, init=False, repr=False)
 
@@ -308,6 +317,8 @@ class NodeHealth:
     def record_success(self, now: float) -> None:
         self._decay(now)
         self.consecutive_failures = 0
+        if now >= self.ejected_until:
+            self.trial = False
 
     def record_failure(self, now: float, kind: FailureKind, detail: str | None = None) -> None:
         self._decay(now)
@@ -320,9 +331,9 @@ class NodeHealth:
             # it would re-eject the node the moment it comes back.
             return
         self.consecutive_failures += 1
-        if kind is FailureKind.REFUSED:
-            # Nothing listens: further requests would only be refused too. A good probe
-            # brings the node back as soon as it listens again.
+        if kind is FailureKind.REFUSED or self.trial:
+            # Nothing listens (further requests would only be refused too; a good probe
+            # brings the node back as soon as it listens again), or a trial failed.
             self.consecutive_failures = self.policy.failures_to_eject
         if self.consecutive_failures >= self.policy.failures_to_eject:
             self.consecutive_failures = 0
@@ -330,6 +341,8 @@ class NodeHealth:
             self.total_ejections += 1
             duration = min(self.policy.base_seconds * self.ejections, self.policy.max_seconds)
             self.ejected_until = now + duration
+            self.ejected_by = "refused" if kind is FailureKind.REFUSED else "requests"
+            self.trial = kind is not FailureKind.REFUSED
 
     def record_probe(self, now: float, ok: bool, detail: str | None = None) -> None:
         self._decay(now)
@@ -347,7 +360,11 @@ class NodeHealth:
                 return
             self.down = False
             self._healthy_since = now
-        if self.policy.probe_unejects and now < self.ejected_until:
+        if (
+            self.policy.probe_unejects
+            and now < self.ejected_until
+            and self.ejected_by != "requests"
+        ):
             self.ejected_until = now
             self._healthy_since = now
             self.consecutive_failures = 0

@@ -297,9 +297,26 @@ def test_failures_of_requests_already_in_flight_do_not_extend_the_ejection():
     fail(health, 5.0, 10)
     assert health.ejected_until == 10.0
     assert (health.ejections, health.consecutive_failures) == (1, 0)
+    assert health.is_routable(10.0)
+    health.record_success(10.0)  # its trial passed
     fail(health, 10.0, 2)
     assert health.is_routable(10.0)
     assert health.consecutive_failures == 2
+
+
+def test_after_an_ejection_by_requests_one_trial_decides():
+    health = NodeHealth(policy=POLICY)
+    fail(health, 0.0, 3, FailureKind.HTTP5XX)  # n=1, until 10
+    health.record_probe(5.0, ok=True)  # /api/version answers fine: no say in this
+    assert health.state(5.0) is NodeState.COOLING
+    assert health.is_routable(10.0) and health.trial
+    fail(health, 10.0, 1, FailureKind.HTTP5XX)  # the trial failed: out again, longer
+    assert (health.ejections, health.ejected_until) == (2, 30.0)
+    assert health.is_routable(30.0)
+    health.record_success(30.0)  # the trial passed: back, and one failure is one again
+    assert not health.trial
+    fail(health, 31.0, 2, FailureKind.HTTP5XX)
+    assert health.is_routable(31.0)
 
 
 def test_ejection_count_decays_one_per_base_period_spent_healthy():
@@ -373,18 +390,20 @@ def test_busy_503_is_short_does_not_grow_and_does_not_count_as_failure():
 # -- NodeHealth: probes ---------------------------------------------------------------------
 
 
-def test_good_probe_brings_an_ejected_node_back_at_once_keeping_n():
+def test_good_probe_brings_a_node_ejected_by_refusals_back_at_once_keeping_n():
     health = NodeHealth(policy=POLICY)
-    fail(health, 0.0, 3)
-    fail(health, 10.0, 2)
-    health.record_probe(10.0, ok=True)  # not ejected: nothing to undo
+    fail(health, 0.0, 1, FailureKind.REFUSED)
+    health.record_probe(1.0, ok=True)  # listening again
+    assert health.is_routable(1.0)
+    fail(health, 1.0, 2)
+    health.record_probe(1.0, ok=True)  # not ejected: nothing to undo
     assert health.consecutive_failures == 2
-    fail(health, 10.0, 1)  # n=2, until 30
+    fail(health, 1.0, 1, FailureKind.REFUSED)  # n=2, until 21
     health.record_probe(12.0, ok=True)
     assert health.state(12.0) is NodeState.HEALTHY
     assert health.cooldown_remaining(12.0) == 0.0
     assert health.ejections == 2
-    fail(health, 13.0, 3)  # n=3: 30 s
+    fail(health, 13.0, 1, FailureKind.REFUSED)  # n=3: 30 s
     assert health.ejected_until == 43.0
 
 
@@ -436,7 +455,7 @@ def test_rise_good_probes_in_a_row_bring_a_down_node_back():
 
 def test_node_back_from_down_is_also_unejected():
     health = NodeHealth(policy=POLICY)
-    fail(health, 0.0, 3)  # until 10
+    fail(health, 0.0, 1, FailureKind.REFUSED)  # until 10
     for t in (1.0, 2.0, 3.0):
         health.record_probe(t, ok=False)
     health.record_probe(4.0, ok=True)

@@ -73,6 +73,10 @@ class Node:
     # in flight here per model, and until when one of them has the node out of rotation.
     peer_busy: dict[str, int] = field(default_factory=dict)
     peer_out_until: float = 0.0
+    # Outlier detection per model: a model answering 5xx here (too large for what is left
+    # of the node's memory, say) is out on this node alone; the node serves the others.
+    model_health: dict[str, NodeHealth] = field(default_factory=dict)
+    last_death: float = -1.0  # when a request here last lost its connection mid-way
 
     @property
     def name(self) -> str:
@@ -91,6 +95,11 @@ class Node:
 
     def has_loaded(self, key: str) -> bool:
         return key in self.loaded
+
+    def serves(self, key: str, now: float) -> bool:
+        """Whether ``key`` is not ejected on this node (the node's own health aside)."""
+        health = self.model_health.get(key)
+        return health is None or health.is_routable(now)
 
     def state(self, now: float) -> NodeState:
         return self.health.state(now)
@@ -214,12 +223,38 @@ class Fleet:
             node.down_since = now
             log.warning("node_down", node=node.name, error=node.redact(detail))
 
-    def request_ok(self, node: Node, now: float) -> None:
+    def request_ok(self, node: Node, now: float, key: str | None = None) -> None:
         node.health.record_success(now)
         if node.out_since is not None:
             self._back_in_rotation(node, now)
+        if key is not None and (model := node.model_health.get(key)) is not None:
+            model.record_success(now)
+            if not model.trial and now >= model.ejected_until:
+                del node.model_health[key]
+                if model.total_ejections:
+                    log.info("model_ejection_ended", node=node.name, model=key)
 
-    def request_failed(self, node: Node, now: float, kind: FailureKind, detail: str) -> None:
+    def request_failed(
+        self, node: Node, now: float, kind: FailureKind, detail: str, key: str | None = None
+    ) -> None:
+        """A request failed on ``node``. A 5xx answer for a model (``key``) counts against
+        that model on this node; everything else against the node."""
+        if key is not None and kind is FailureKind.HTTP5XX:
+            health = node.model_health.get(key)
+            if health is None:
+                health = node.model_health[key] = NodeHealth(policy=self.policy)
+            before = health.total_ejections
+            health.record_failure(now, kind, node.redact(detail))
+            if health.total_ejections > before:
+                log.warning(
+                    "model_ejected",
+                    node=node.name,
+                    model=key,
+                    seconds=round(health.cooldown_remaining(now), 1),
+                    ejections_in_a_row=health.ejections,
+                    error=health.last_error,
+                )
+            return
         health = node.health
         before = health.total_ejections
         health.record_failure(now, kind, node.redact(detail))
@@ -269,6 +304,14 @@ class Fleet:
             "cooldown_seconds": round(remaining, 3),
             "cooldown_until": _wall_clock(remaining) if remaining > 0 else None,
             "last_error": health.last_error,
+            "models_out": {  # models ejected on this node alone
+                key: {
+                    "cooldown_seconds": round(h.cooldown_remaining(now), 3),
+                    "error": h.last_error,
+                }
+                for key, h in sorted(node.model_health.items())
+                if not h.is_routable(now)
+            },
             "last_probe_age_seconds": None
             if node.probed_at is None
             else round(now - node.probed_at, 3),

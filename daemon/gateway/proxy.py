@@ -51,6 +51,10 @@ log = get_logger("olmd.proxy")
 # Recorded for a client that left before its answer ended (nginx's convention).
 CLIENT_GONE = 499
 COLD_LOAD_NS = 100_000_000  # a load_duration this long was a model load, not bookkeeping
+# A connection that died under a request before its first byte (refused ones are caught
+# before these: ClientConnectorError is a ClientOSError too).
+_DIED = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError)
+_SAME_MOMENT = 1.0  # seconds: deaths this close on one node are one node dying
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,10 +74,13 @@ class _Retry(Exception):
     it elsewhere adds no GPU work and does not count against the retry budget.
     """
 
-    def __init__(self, reason: str, response: web.Response, *, free: bool = False) -> None:
+    def __init__(
+        self, reason: str, response: web.Response, *, free: bool = False, death: bool = False
+    ) -> None:
         self.reason = reason
         self.response = response  # what the client gets if no attempt is left
         self.free = free
+        self.death = death  # the connection died under the request (a node killed?)
 
 
 class Proxy:
@@ -210,6 +217,7 @@ class Proxy:
         last: web.Response | None = None
         node: Node | None = None
         free = False  # the last attempt's failure cost no GPU work
+        deaths = 0  # attempts whose connection died under them
         self.active += 1
         try:
             while True:
@@ -250,7 +258,10 @@ class Proxy:
                     self.router.abandon(route)
                     last = failed.response
                     free = failed.free
-                    out_of_attempts = len(tried) >= self.routing.max_attempts
+                    deaths += failed.death
+                    # A request whose nodes died under it twice may be what kills them:
+                    # it gets the error rather than a third node.
+                    out_of_attempts = len(tried) >= self.routing.max_attempts or deaths >= 2
                     if out_of_attempts or (not free and not self._retry_allowed()):
                         self._count(node, key, endpoint, failed.response.status)
                         return failed.response
@@ -344,6 +355,20 @@ class Proxy:
             raise _Retry(
                 "refused", error(502, f"node {node.name} unreachable", **node_header), free=True
             ) from None
+        except _DIED as exc:
+            # The connection died under the request: the node was probably killed or
+            # crashed. Evident when it is out already, or when another request to it died
+            # the same way a moment ago: then trying elsewhere costs the budget nothing.
+            now = time.monotonic()
+            evident = not node.health.is_routable(now) or now - node.last_death < _SAME_MOMENT
+            node.last_death = now
+            self._failed(node, FailureKind.CONNECT, str(exc) or type(exc).__name__)
+            raise _Retry(
+                "reset",
+                error(502, f"node {node.name} closed the connection", **node_header),
+                free=evident,
+                death=True,
+            ) from None
         except aiohttp.ClientError as exc:
             self._failed(node, FailureKind.CONNECT, str(exc) or type(exc).__name__)
             raise _Retry(
@@ -367,7 +392,7 @@ class Proxy:
             # one write, without the streaming machinery.
             headers = response_headers(upstream, node.name, route.reason)
             upstream.release()
-            self.fleet.request_ok(node, time.monotonic())
+            self.fleet.request_ok(node, time.monotonic(), key)
             self._observe(route, endpoint, upstream.status, started, first)
             return web.Response(
                 body=first, status=upstream.status, reason=upstream.reason, headers=headers
@@ -397,7 +422,7 @@ class Proxy:
             raise _Retry("model_missing", reply)
         if kind is None:
             raise _Final(reply)
-        self._failed(node, kind, f"HTTP {status}: {message}")
+        self.fleet.request_failed(node, time.monotonic(), kind, f"HTTP {status}: {message}", key)
         raise _Retry("busy" if kind is FailureKind.BUSY503 else "http5xx", reply)
 
     async def _relay(
@@ -440,7 +465,7 @@ class Proxy:
                         guard.last = loop.time()
                 finally:
                     guard.cancel()
-            self.fleet.request_ok(node, time.monotonic())
+            self.fleet.request_ok(node, time.monotonic(), key)
             await response.write_eof()
         except ConnectionResetError:
             # Raised by our writes (aiohttp's ClientConnectionResetError): the client left.

@@ -22,15 +22,16 @@ async def post(
         return response.status, response.headers.get("X-Olmd-Node", ""), data
 
 
-async def one_node_app(**posts: Any) -> tuple[Any, int]:
-    """A hand-made node: Ollama's probe routes, plus ``posts`` ({"pull": handler})."""
+async def one_node_app(models: tuple[str, ...] = (MODEL,), **posts: Any) -> tuple[Any, int]:
+    """A hand-made node holding ``models``: Ollama's probe routes, plus ``posts``
+    ({"pull": handler})."""
     from aiohttp import web
 
     async def version(request: web.Request) -> web.Response:
         return web.json_response({"version": "0.12.0"})
 
     async def tags(request: web.Request) -> web.Response:
-        return web.json_response({"models": [{"name": MODEL, "model": MODEL}]})
+        return web.json_response({"models": [{"name": m, "model": m} for m in models]})
 
     async def ps(request: web.Request) -> web.Response:
         return web.json_response({"models": []})

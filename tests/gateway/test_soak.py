@@ -1,5 +1,6 @@
-"""Soak: one of three nodes SIGKILLed and restarted every 2-3 s while 16 clients send
-streaming and non-streaming requests through olmd (all real processes, on loopback).
+"""Soak: one of three nodes, each declared with 8 slots, SIGKILLed and restarted about
+every 3 s while 16 clients send streaming and non-streaming requests through olmd (all
+real processes, on loopback).
 
 No request that had not started streaming is lost while another node is up; a stream cut
 mid-way ends with exactly one error line; olmd's memory stays flat; every request sent is
@@ -25,7 +26,7 @@ import aiohttp
 from tests.helpers import free_port, olmd_command, settings_dict, write_settings
 
 MODEL = "llama3.1:8b"
-SOAK_SECONDS = 30.0
+SOAK_SECONDS = 24.0
 CLIENTS = 16
 PER_CLIENT = 400  # a bound on requests, whatever the machine's speed
 
@@ -79,7 +80,7 @@ async def fleet_and_olmd(tmp_path: Path) -> AsyncIterator[tuple[list[Node], int,
     try:
         for node in nodes:
             await node.start()
-        data = settings_dict([], probe_interval=0.5, parallel=2, queue_timeout=20)
+        data = settings_dict([], probe_interval=0.5, parallel=8, queue_timeout=20)
         data["services"]["ollama"]["nodes"] = [
             {"name": n.name, "host": "127.0.0.1", "port": n.port} for n in nodes
         ]
@@ -147,7 +148,7 @@ async def test_a_node_killed_again_and_again_loses_no_request(tmp_path: Path) ->
                 kills = 0
                 victim = nodes[0]
                 while time.monotonic() + 3 < stop_at:
-                    await asyncio.sleep(rng.uniform(2.0, 3.0))
+                    await asyncio.sleep(rng.uniform(2.5, 3.0))
                     await victim.kill()
                     kills += 1
                     await asyncio.sleep(rng.uniform(0.3, 0.8))

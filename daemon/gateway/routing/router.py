@@ -108,13 +108,20 @@ class Router:
         if holders and not selection.nodes:
             # Not a 404: Ollama clients take that as "pull the model".
             raise NoNode(503, f"every node holding {key!r} is draining", retry_after=5)
-        return list(selection.nodes)
+        nodes = list(selection.nodes)
+        if any(n.model_health for n in nodes):  # a model ejected on some node
+            serving = [n for n in nodes if n.serves(key, now)]
+            nodes = serving or nodes  # none left: try them all, as panic routing does
+        return nodes
 
     def room_on(self, name: str, key: str) -> bool | None:
         node = self.fleet.get(name)
         if node is None or not node.holds(key) or node.health.draining:
             return None
-        if not node.health.is_routable(self.clock()) or node.peer_out_until > self.clock():
+        now = self.clock()
+        if not node.health.is_routable(now) or node.peer_out_until > now:
+            return None
+        if not node.serves(key, now):
             return None
         return self._has_room(node, key)
 
