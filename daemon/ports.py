@@ -83,6 +83,11 @@ class RouteRequest:
     prompt_tokens: int = 0
     conversation: int | None = None
     session: str | None = None
+    # The options that decide how Ollama loads the model (num_ctx, num_batch, num_gpu,
+    # main_gpu, num_thread, use_mmap), as sorted (name, value) pairs; () for the defaults.
+    # A loaded runner with other values is reloaded for this request.
+    runner: tuple[tuple[str, object], ...] = ()
+    embedding: bool = False  # an embedding request: Ollama runs those one at a time
 
 
 @dataclass(frozen=True, slots=True)

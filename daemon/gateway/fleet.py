@@ -77,6 +77,9 @@ class Node:
     # of the node's memory, say) is out on this node alone; the node serves the others.
     model_health: dict[str, NodeHealth] = field(default_factory=dict)
     last_death: float = -1.0  # when a request here last lost its connection mid-way
+    # The runner options olmd last sent for a model loaded here (model → options): a
+    # request asking for others makes Ollama reload it.
+    runners: dict[str, dict[str, object]] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -194,6 +197,11 @@ class Fleet:
         else:
             for key in node.loaded.keys() - loaded.keys():
                 self.on_forget(node.name, key)
+        for key in list(node.runners):
+            entry = loaded.get(key)
+            known = node.runners[key].get("num_ctx")
+            if entry is None or (known is not None and entry.get("context_length") != known):
+                del node.runners[key]  # unloaded, or reloaded by someone else
         was_down = node.health.down
         node.version = version
         node.models = _by_key(tags)

@@ -21,6 +21,12 @@ from aiohttp import web
 
 from daemon.ports import RouteRequest
 
+# Options a runner is loaded with: a request asking for other values makes Ollama reload
+# the model (its scheduler's needsReload compares them).
+RUNNER_OPTIONS = frozenset(
+    {"num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "use_mmap"}
+)
+EMBEDDING_ROUTES = frozenset({"/api/embed", "/api/embeddings", "/v1/embeddings"})
 CHARS_PER_TOKEN = 4
 TEMPLATE_TOKENS = 2  # role markers and separators a chat template adds per message
 BLOCK_CHARS = 256
@@ -160,7 +166,13 @@ def route_facts(
     if session is not None and len(session) > MAX_SESSION_CHARS:
         # Kept per session, and shared with other gateways: a fixed size, whatever sent.
         session = "#" + hashlib.blake2b(session.encode(), digest_size=16).hexdigest()
+    embedding = upstream in EMBEDDING_ROUTES
     if not with_prompt:
-        return RouteRequest(key, session=session), EMPTY
+        return RouteRequest(key, session=session, embedding=embedding), EMPTY
+    options = payload.get("options")
+    runner: tuple[tuple[str, object], ...] = ()
+    if isinstance(options, Mapping):
+        runner = tuple(sorted((k, v) for k, v in options.items() if k in RUNNER_OPTIONS))
     prompt = read_prompt(upstream, payload, key)
-    return RouteRequest(key, prompt.total_tokens, prompt.conversation, session), prompt
+    facts = RouteRequest(key, prompt.total_tokens, prompt.conversation, session, runner, embedding)
+    return facts, prompt

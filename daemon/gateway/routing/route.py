@@ -39,6 +39,7 @@ class Route:
     session: str | None = None
     released: bool = False
     ticket: Ticket | None = None  # the tenant's admission, when tenancy is on
+    counted: bool = True  # holds a slot (a cloud model's request holds none)
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,7 @@ from daemon.tenancy.fair import DEFAULT_SHARE, FairShares, Share
 
 __all__ = ["NoNode", "Route", "Router", "Wait", "make_balancer"]
 
+CLOUD_SUFFIX = "-cloud"  # Ollama's cloud models (gpt-oss:120b-cloud) run on ollama.com
 _MAX_SESSIONS = 100_000
 
 
@@ -66,6 +67,7 @@ class Router:
         self.index = PrefixIndex(routing.affinity_entries_per_slot)
         self.rates = Rates(_defaults(routing))
         self.sessions: OrderedDict[str, str] = OrderedDict()
+        self.embedding: set[str] = set()  # models asked for embeddings: one slot each
         self.recent_pins: dict[str, str] = {}  # pins since the cluster last published
         self.share_pins = False  # set while a cluster shares them
         self.fair = FairShares(routing.interactive_window, routing.interactive_reserve)
@@ -89,7 +91,11 @@ class Router:
         self.fair.configure(routing.interactive_window, routing.interactive_reserve)
         self.queue.dispatch()  # more slots or new nodes may serve queued requests now
 
-    def slots(self, node: Node) -> int:
+    def slots(self, node: Node, key: str | None = None) -> int:
+        """Requests ``node`` runs at once for a model: its ``parallel``; one for an
+        embedding model, as Ollama forces."""
+        if key is not None and key in self.embedding:
+            return 1
         return node.config.parallel or self.routing.parallel
 
     def candidates(self, key: str, exclude: Collection[str] = ()) -> list[Node]:
@@ -130,7 +136,7 @@ class Router:
         if cap and node.in_flight >= cap:
             return False
         in_flight = node.busy.get(key, 0) + node.peer_busy.get(key, 0)
-        return in_flight < self.slots(node) + self.routing.overcommit
+        return in_flight < self.slots(node, key) + self.routing.overcommit
 
     def pick(
         self,
@@ -150,6 +156,13 @@ class Router:
         nodes = self.candidates(key, exclude)
         if not nodes:
             raise NoNode(404, f"model {key!r} not found on any available node")
+        if key.endswith(CLOUD_SUFFIX):
+            # Runs on ollama.com: no local slot, no cache, nothing to learn.
+            node = self.balancer.choose(nodes)
+            node.in_flight += 1
+            return Route(node, key, "cloud", counted=False, started=self.clock())
+        if request.embedding and key not in self.embedding and len(self.embedding) < 10_000:
+            self.embedding.add(key)
         if share.batch and self._in_headroom(share, key, nodes):
             return None
         if prefer is not None:
@@ -185,6 +198,8 @@ class Router:
         node.in_flight += 1
         node.busy[key] = node.busy.get(key, 0) + 1
         route.started = self.clock()
+        if request.runner or key in node.runners:
+            node.runners[key] = dict(request.runner)  # loaded (or reloaded) with these
         return route
 
     def _in_headroom(self, share: Share, key: str, nodes: list[Node]) -> bool:
@@ -194,9 +209,9 @@ class Router:
         if not reserve:
             return False
         extra = self.routing.overcommit
-        total = sum(self.slots(n) + extra for n in nodes)
+        total = sum(self.slots(n, key) + extra for n in nodes)
         spare = sum(
-            max(0, self.slots(n) + extra - n.busy.get(key, 0) - n.peer_busy.get(key, 0))
+            max(0, self.slots(n, key) + extra - n.busy.get(key, 0) - n.peer_busy.get(key, 0))
             for n in nodes
         )
         return spare <= min(reserve, total - 1)
@@ -215,9 +230,9 @@ class Router:
             out.append(
                 Candidate(
                     node=n,
-                    slots=self.slots(n),
+                    slots=self.slots(n, key),
                     busy=n.busy.get(key, 0) + n.peer_busy.get(key, 0),
-                    load_seconds=0.0 if n.has_loaded(key) else self._load_cost(n, key),
+                    load_seconds=self._load_seconds(n, request),
                     seconds_per_prompt_token=rates.seconds_per_prompt_token(n.name, key),
                     service_seconds=rates.service_seconds(n.name, key),
                     cached_tokens=prompt.tokens[segments - 1] if segments else 0,
@@ -226,10 +241,35 @@ class Router:
                     room=self._has_room(n, key),
                     waiting=self.queue.waiting_for.get(n.name, 0),
                     held=self.index.held(n.name, key),
-                    capacity=self.slots(n) * self.index.entries_per_slot,
+                    capacity=self.slots(n, key) * self.index.entries_per_slot,
                 )
             )
         return out
+
+    def _load_seconds(self, node: Node, request: RouteRequest) -> float:
+        """What loading costs before ``request`` runs on ``node``: nothing when the model
+        is loaded with the runner options it asks for; a (re)load otherwise, after the
+        requests running on the old runner finish."""
+        key = request.model
+        if not node.has_loaded(key):
+            return self._load_cost(node, key)
+        if not self._reloads(node, request):
+            return 0.0
+        drain = self.rates.service_seconds(node.name, key) if node.busy.get(key) else 0.0
+        return self.rates.load_seconds(node.name, key) + drain
+
+    @staticmethod
+    def _reloads(node: Node, request: RouteRequest) -> bool:
+        """Whether Ollama would reload ``request.model`` on ``node`` for this request."""
+        wanted = dict(request.runner)
+        known = node.runners.get(request.model)
+        if known is not None:
+            return known != wanted
+        # Loaded by requests olmd did not send (or before it started): /api/ps says the
+        # context length; other options are unknown and taken to match.
+        context = (node.loaded.get(request.model) or {}).get("context_length")
+        asked = wanted.get("num_ctx")
+        return asked is not None and context is not None and asked != context
 
     def _load_cost(self, node: Node, key: str) -> float:
         cost = self.rates.load_seconds(node.name, key)
@@ -276,6 +316,8 @@ class Router:
         route.released = True
         node, key = route.node, route.key
         node.in_flight -= 1
+        if not route.counted:
+            return
         left = node.busy.get(key, 0) - 1
         if left > 0:
             node.busy[key] = left
@@ -286,6 +328,8 @@ class Router:
 
     def complete(self, route: Route, sample: Sample | None) -> None:
         """An attempt answered in full: learn from it, remember where its prompt now is."""
+        if not route.counted:
+            return  # a cloud model's: nothing of it is on the node
         node, key = route.node, route.key
         self.fleet.mark_loaded(node, key)
         if sample is not None:
