@@ -30,6 +30,8 @@ class NodeReport:
     out_since: float = 0.0  # wall clock: when it took the node out
     down: bool = False
     busy: Mapping[str, int] = field(default_factory=dict)  # model → requests in flight
+    # model → wall clock: models the gateway took out on this node alone (5xx answers)
+    models_out: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +50,7 @@ class PeerRecord:
                 "out_since": r.out_since,
                 "down": r.down,
                 "busy": dict(r.busy),
+                "models_out": dict(r.models_out),
             }
             for name, r in self.nodes.items()
         }
@@ -66,6 +69,7 @@ class PeerRecord:
                     out_since=float(r.get("out_since", 0.0)),
                     down=bool(r.get("down", False)),
                     busy={str(m): int(c) for m, c in dict(r.get("busy", {})).items()},
+                    models_out={str(m): float(t) for m, t in dict(r.get("models_out", {})).items()},
                 )
                 for name, r in dict(data["nodes"]).items()
             }

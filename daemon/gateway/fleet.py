@@ -73,6 +73,7 @@ class Node:
     # in flight here per model, and until when one of them has the node out of rotation.
     peer_busy: dict[str, int] = field(default_factory=dict)
     peer_out_until: float = 0.0
+    peer_models_out: dict[str, float] = field(default_factory=dict)  # model → until
     # Outlier detection per model: a model answering 5xx here (too large for what is left
     # of the node's memory, say) is out on this node alone; the node serves the others.
     model_health: dict[str, NodeHealth] = field(default_factory=dict)
@@ -80,6 +81,11 @@ class Node:
     # The runner options olmd last sent for a model loaded here (model → options): a
     # request asking for others makes Ollama reload it.
     runners: dict[str, dict[str, object]] = field(default_factory=dict)
+    # Slots per model learned by trying one request more (daemon.gateway.routing.slots).
+    learned_slots: dict[str, int] = field(default_factory=dict)
+    probing: set[str] = field(default_factory=set)  # models with a probe in flight
+    probe_after: dict[str, float] = field(default_factory=dict)
+    warned: set[str] = field(default_factory=set)  # models whose slot mismatch was logged
 
     @property
     def name(self) -> str:
@@ -100,7 +106,10 @@ class Node:
         return key in self.loaded
 
     def serves(self, key: str, now: float) -> bool:
-        """Whether ``key`` is not ejected on this node (the node's own health aside)."""
+        """Whether ``key`` is not ejected on this node, by this gateway or another (the
+        node's own health aside)."""
+        if self.peer_models_out.get(key, 0.0) > now:
+            return False
         health = self.model_health.get(key)
         return health is None or health.is_routable(now)
 

@@ -60,11 +60,17 @@ class SharedFleet:
                 out_until = wall + (health.ejected_until - now)
                 out_since = self._to_wall(node.out_since, now, wall)
             down_since = self._to_wall(node.down_since, now, wall) if health.down else 0.0
+            models_out = {
+                key: wall + (h.ejected_until - now)
+                for key, h in node.model_health.items()
+                if h.ejected_until > now
+            }
             nodes[node.name] = NodeReport(
                 out_until=out_until,
                 out_since=out_since or down_since,
                 down=health.down,
                 busy=dict(node.busy),
+                models_out=models_out,
             )
         pins, self.router.recent_pins = self.router.recent_pins, {}
         return PeerRecord(self.cluster.name, wall, nodes, pins)
@@ -79,6 +85,7 @@ class SharedFleet:
         horizon = self.cluster.settings.peer_timeout
         for node in self.fleet:
             busy: dict[str, int] = {}
+            models_out: dict[str, float] = {}
             out_until = 0.0
             seen_good = self._to_wall(node.good_probe_at, now, wall)
             for peer in peers:
@@ -87,6 +94,9 @@ class SharedFleet:
                     continue
                 for model, count in report.busy.items():
                     busy[model] = busy.get(model, 0) + count
+                for model, until in report.models_out.items():
+                    if until > wall:  # probes say nothing of these: only their deadline
+                        models_out[model] = max(models_out.get(model, 0.0), now + until - wall)
                 if report.out_since <= seen_good:
                     continue  # our own good probe came after: it counts
                 if report.down:  # no deadline: as long as that gateway keeps saying so
@@ -94,6 +104,7 @@ class SharedFleet:
                 elif report.out_until > wall:
                     out_until = max(out_until, now + (report.out_until - wall))
             node.peer_busy = busy
+            node.peer_models_out = models_out
             self._mark_out(node, out_until, now)
         for peer in peers:
             if peer.at <= self._seen.get(peer.gateway, 0.0):
@@ -113,6 +124,7 @@ class SharedFleet:
         for node in self.fleet:
             node.peer_busy = {}
             node.peer_out_until = 0.0
+            node.peer_models_out = {}
         self.peers = []
 
     async def round(self) -> None:

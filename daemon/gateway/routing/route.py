@@ -40,6 +40,8 @@ class Route:
     released: bool = False
     ticket: Ticket | None = None  # the tenant's admission, when tenancy is on
     counted: bool = True  # holds a slot (a cloud model's request holds none)
+    ahead: int = 0  # olmd's requests on the node for the model when this one was sent
+    probe: bool = False  # one more than the node's learned slots: to learn its figure
 
 
 @dataclass(frozen=True, slots=True)

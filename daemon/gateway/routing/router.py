@@ -28,6 +28,7 @@ from daemon.gateway.routing.prompts import EMPTY, Prompt
 from daemon.gateway.routing.queue import FleetQueue
 from daemon.gateway.routing.rates import Defaults, Rates, Sample
 from daemon.gateway.routing.route import NoNode, Route, Wait
+from daemon.gateway.routing.slots import Slots
 from daemon.ports import Balancer, Candidate, CostBalancer, RouteRequest
 from daemon.settings import RoutingSettings
 from daemon.tenancy.fair import DEFAULT_SHARE, FairShares, Share
@@ -67,7 +68,7 @@ class Router:
         self.index = PrefixIndex(routing.affinity_entries_per_slot)
         self.rates = Rates(_defaults(routing))
         self.sessions: OrderedDict[str, str] = OrderedDict()
-        self.embedding: set[str] = set()  # models asked for embeddings: one slot each
+        self.table = Slots(routing, clock)
         self.recent_pins: dict[str, str] = {}  # pins since the cluster last published
         self.share_pins = False  # set while a cluster shares them
         self.fair = FairShares(routing.interactive_window, routing.interactive_reserve)
@@ -88,15 +89,13 @@ class Router:
         self.index.entries_per_slot = routing.affinity_entries_per_slot
         self.rates.defaults = _defaults(routing)
         self.queue.routing = routing
+        self.table.configure(routing)
         self.fair.configure(routing.interactive_window, routing.interactive_reserve)
         self.queue.dispatch()  # more slots or new nodes may serve queued requests now
 
     def slots(self, node: Node, key: str | None = None) -> int:
-        """Requests ``node`` runs at once for a model: its ``parallel``; one for an
-        embedding model, as Ollama forces."""
-        if key is not None and key in self.embedding:
-            return 1
-        return node.config.parallel or self.routing.parallel
+        """Requests ``node`` runs at once for a model: configured, or learned."""
+        return self.table.slots(node, key)
 
     def candidates(self, key: str, exclude: Collection[str] = ()) -> list[Node]:
         """Nodes that may serve ``key`` now, ignoring their slots.
@@ -115,7 +114,7 @@ class Router:
             # Not a 404: Ollama clients take that as "pull the model".
             raise NoNode(503, f"every node holding {key!r} is draining", retry_after=5)
         nodes = list(selection.nodes)
-        if any(n.model_health for n in nodes):  # a model ejected on some node
+        if any(n.model_health or n.peer_models_out for n in nodes):  # a model out somewhere
             serving = [n for n in nodes if n.serves(key, now)]
             nodes = serving or nodes  # none left: try them all, as panic routing does
         return nodes
@@ -136,7 +135,13 @@ class Router:
         if cap and node.in_flight >= cap:
             return False
         in_flight = node.busy.get(key, 0) + node.peer_busy.get(key, 0)
-        return in_flight < self.slots(node, key) + self.routing.overcommit
+        limit = self.slots(node, key) + self.routing.overcommit
+        if in_flight < limit:
+            return True
+        # One more while requests wait in olmd, to learn whether the node runs it at once.
+        return (
+            in_flight == limit and self.queue.has_waiters(key) and self.table.may_probe(node, key)
+        )
 
     def pick(
         self,
@@ -161,8 +166,9 @@ class Router:
             node = self.balancer.choose(nodes)
             node.in_flight += 1
             return Route(node, key, "cloud", counted=False, started=self.clock())
-        if request.embedding and key not in self.embedding and len(self.embedding) < 10_000:
-            self.embedding.add(key)
+        embedding = self.table.embedding
+        if request.embedding and key not in embedding and len(embedding) < 10_000:
+            embedding.add(key)
         if share.batch and self._in_headroom(share, key, nodes):
             return None
         if prefer is not None:
@@ -195,6 +201,13 @@ class Router:
         else:
             return None
         node = route.node
+        route.ahead = node.busy.get(key, 0)
+        if (
+            route.ahead + node.peer_busy.get(key, 0)
+            >= self.slots(node, key) + self.routing.overcommit
+        ):
+            route.probe = True
+            node.probing.add(key)
         node.in_flight += 1
         node.busy[key] = node.busy.get(key, 0) + 1
         route.started = self.clock()
@@ -316,6 +329,8 @@ class Router:
         route.released = True
         node, key = route.node, route.key
         node.in_flight -= 1
+        if route.probe:
+            node.probing.discard(key)  # unanswered (failed, client gone): no lesson
         if not route.counted:
             return
         left = node.busy.get(key, 0) - 1
@@ -344,6 +359,7 @@ class Router:
             self.rates.learn(
                 node.name, key, held, expected_cold=route.expected_cold, cached=route.cached_tokens
             )
+            self.table.finished(node, key, held, probe=route.probe, ahead=route.ahead)
         if route.prompt.hashes:
             self.index.record(node.name, key, route.prompt.hashes, self.slots(node))
         if route.session:
@@ -372,6 +388,8 @@ class Router:
         """Routing's view of ``node`` for ``/admin/nodes``."""
         return {
             "slots": self.slots(node),
+            "slots_configured": self.table.configured(node) is not None,
+            "slots_learned": dict(sorted(node.learned_slots.items())),
             "slots_in_use": dict(sorted(node.busy.items())),
             "learned": self.rates.describe(node.name),
             "conversations": self.index.conversations(node.name),
