@@ -185,7 +185,11 @@ class EmulatedRegistry:
         if status == 206:
             response.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{len(data)}"
         await response.prepare(request)
-        cut_after = self.cut.pop(digest, None)
+        cut_after = self.cut.get(digest)
+        if cut_after is not None and stop - start > cut_after:
+            del self.cut[digest]  # this download is the one cut
+        else:
+            cut_after = None
         offset = start
         while offset < stop:
             end = min(stop, offset + _CHUNK)
