@@ -12,6 +12,7 @@ outside ``cache_dir``. The time of last use is the file's mtime.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -105,10 +106,8 @@ class BlobCache:
 
     def touch(self, digest: str) -> None:
         """Mark the blob used now (least recently used goes first)."""
-        try:
+        with contextlib.suppress(OSError, ValueError):
             os.utime(self.blob_path(digest))
-        except (OSError, ValueError):
-            pass
 
     def blobs(self) -> list[tuple[str, int, float]]:
         """(digest, size, last used) of every blob."""

@@ -18,6 +18,7 @@ import hashlib
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import urljoin
 
 import aiohttp
@@ -136,7 +137,8 @@ class RegistryClient:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        return _assemble(workdir, len(spans), digest, size, ref)
+        # Reading a large blob through sha256 takes a while: off the event loop.
+        return await asyncio.to_thread(_assemble, workdir, len(spans), digest, size, ref)
 
     async def _direct(self, url: str, digest: str) -> str:
         """Where the blob's bytes are, after every redirect."""
@@ -188,7 +190,7 @@ class RegistryClient:
                         raise RegistryError(f"blob {digest}: {url} answered HTTP {response.status}")
                     if response.status == 200 and at:
                         raise RegistryError(f"blob {digest}: {url} ignored the Range header")
-                    with path.open("ab") as out:
+                    with _append(path) as out:
                         async for chunk in response.content.iter_chunked(_CHUNK):
                             chunk = chunk[: stop - at]
                             out.write(chunk)
@@ -208,6 +210,15 @@ class RegistryClient:
                     ) from exc
                 if failures:
                     await self._wait(failures)
+
+
+def _make_folder(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def _append(path: Path) -> BinaryIO:
+    # Local disk writes of at most a megabyte each: not worth a thread per chunk.
+    return path.open("ab")
 
 
 def _held(path: Path) -> int:
