@@ -115,7 +115,7 @@ class RegistryClient:
         """Download blob ``digest`` into ``workdir`` (resuming what is there) and check
         it; the path of the verified file, to be committed to the cache."""
         url = blob_url(base, ref, digest)
-        workdir.mkdir(parents=True, exist_ok=True)
+        _make_folder(workdir)
         direct = await self._direct(url, digest)
         step = max(1, min(self._part_size, -(-size // self._parts) if size else 1))
         spans = [
