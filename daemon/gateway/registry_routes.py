@@ -35,7 +35,18 @@ log = get_logger("olmd.registry")
 MANIFEST_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
 _CHUNK = 1024 * 1024
 _RESOLVE_TTL = 60.0
-_ADDRESSES = web.AppKey("olmd_node_addresses", dict)
+
+
+class _NodeAddresses:
+    """The nodes' addresses as last resolved, for which settings, until when."""
+
+    def __init__(self) -> None:
+        self.settings: object = None
+        self.until = 0.0
+        self.addresses: set[str] = set()
+
+
+_ADDRESSES = web.AppKey("olmd_node_addresses", _NodeAddresses)
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
@@ -46,12 +57,11 @@ async def _node_addresses(request: web.Request) -> set[str]:
     """The configured nodes' IP addresses (names resolved, kept for a minute)."""
     app = request.app
     settings = app[RUNTIME].settings
-    cache = app.get(_ADDRESSES)
+    cache = app[_ADDRESSES]
     now = time.monotonic()
-    if cache is not None and cache["settings"] is settings and cache["until"] > now:
-        found: set[str] = cache["addresses"]
-        return found
-    found = set()
+    if cache.settings is settings and cache.until > now:
+        return cache.addresses
+    found: set[str] = set()
     loop = asyncio.get_running_loop()
     for node in settings.nodes():
         hosts = [node.host, node.ssh_host] if node.ssh_host else [node.host]
@@ -67,7 +77,7 @@ async def _node_addresses(request: web.Request) -> set[str]:
             except (OSError, TimeoutError):
                 continue
             found.update(str(info[4][0]) for info in infos)
-    app[_ADDRESSES] = {"settings": settings, "until": now + _RESOLVE_TTL, "addresses": found}
+    cache.settings, cache.until, cache.addresses = settings, now + _RESOLVE_TTL, found
     return found
 
 
@@ -176,6 +186,7 @@ async def _send(
 
 
 def add_routes(app: web.Application) -> None:
+    app[_ADDRESSES] = _NodeAddresses()
     router = app.router
     router.add_get("/v2/{ns}/{name}/manifests/{tag}", manifest)  # GET also answers HEAD
     router.add_get("/v2/{ns}/{name}/blobs/{digest}", blob)
