@@ -23,7 +23,7 @@ from daemon.logs import get_logger
 from daemon.metrics import DistributionMetrics
 from daemon.settings import Settings
 
-__all__ = ["Distributor", "EnsureProgress", "cache_from_settings", "mirror_name"]
+__all__ = ["Distributor", "EnsureProgress", "cache_from_settings", "cache_status", "mirror_name"]
 
 log = get_logger("olmd.distribution")
 
@@ -211,6 +211,24 @@ class Distributor:
                 for name, (done, total) in self.downloading.items()
             },
         }
+
+
+def cache_status(settings: Settings) -> dict[str, object]:
+    """The cache as :meth:`Distributor.status` shows it, without a daemon (the CLI)."""
+    cache = cache_from_settings(settings)
+    dist = settings.distribution
+    return {
+        "mode": dist.mode,
+        "registry": dist.registry,
+        "advertise_url": settings.advertise_url(),
+        "cache_dir": str(dist.cache_dir),
+        "cache_bytes": cache.size(),
+        "max_cache_bytes": cache.max_bytes,
+        "models": [
+            {"name": m.ref.name, "digest": m.digest, "size": m.size} for m in cache.models()
+        ],
+        "downloading": {},
+    }
 
 
 def manifest_of(base: str, ref: ModelRef) -> str:

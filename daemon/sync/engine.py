@@ -12,13 +12,14 @@ import asyncio
 import random
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 import aiohttp
 
 from daemon import registry
+from daemon.distribution.mirror import Distributor
 from daemon.domain import ModelRef
 from daemon.logs import get_logger
 from daemon.metrics import SyncMetrics
@@ -27,6 +28,7 @@ from daemon.settings import Settings
 from daemon.sync.claim import Recorder
 from daemon.sync.inventory import check_pulled
 from daemon.sync.inventory import inventory_all as _inventory_all  # tests patch this name
+from daemon.sync.mirror import CacheStep, MirroredTransport, cache_model, registry_record
 from daemon.sync.plan import (
     Inventory,
     Outcome,
@@ -99,6 +101,7 @@ class SyncEngine:
         backoff: Backoff | None = None,
         rng: random.Random | None = None,
         recorder: Recorder | None = None,
+        distributor: Distributor | None = None,
     ) -> None:
         self.settings = settings
         self.options = options
@@ -116,6 +119,10 @@ class SyncEngine:
         self._closing = False  # once set, no pull starts
         self._interrupted = False  # stop() cut pulls short: not the window's finished sync
         self._node_fatal: dict[str, str] = {}
+        self._gateway = settings.distribution.mode == "gateway"
+        self._distributor = distributor
+        self._cached: dict[str, CacheStep] = {}  # gateway mode: the cache step per model
+        self._registry_failed = False
 
     def stop(self, reason: str) -> None:
         """End the run early, as the window's close does: no new pull starts, running ones
@@ -143,6 +150,12 @@ class SyncEngine:
             await self._save_state(started, "running")
             try:
                 pulls = [o for o in outcomes if o.action == "pull"]
+                if self._gateway:
+                    self._distributor = self._distributor or Distributor(self.settings, session)
+                if self._gateway and pulls:
+                    self.progress.phase = "caching"
+                    await self._cache(pulls)
+                    pulls = [o for o in pulls if o.status is None]
                 if pulls:
                     self.progress.phase = "pulling"
                     await self._execute(pulls, {t.name: t for t in targets})
@@ -190,11 +203,66 @@ class SyncEngine:
 
     # -- pulls ---------------------------------------------------------------------------
 
+    async def _cache(self, pulls: list[Outcome]) -> None:
+        """Gateway mode's first step: every model to pull into olmd's cache (registry
+        downloads only inside the window), or its pulls failed or deferred."""
+        assert self._distributor is not None
+        window = self._download.allowed_window
+        at = self._now()
+        close = None if self.options.ignore_window else window.current_close(at)
+        loop = asyncio.get_running_loop()
+        deadline = None if close is None else loop.time() + (close - at).total_seconds()
+        in_window = self.options.ignore_window or close is not None
+        for model in dict.fromkeys(o.model for o in pulls):
+            mine = [o for o in pulls if o.model == model]
+            left = None if deadline is None else deadline - loop.time()
+            step = await self._until_stopped(cache_model(self._distributor, model, in_window), left)
+            if step is None:  # stopped, or the window closed during the download
+                if not self._stop.is_set() and close is not None:
+                    closes = f"{close.astimezone(window.tz):%H:%M} {window.zone}"
+                    self._stop_reason = self._stop_reason or f"the window closed at {closes}"
+                self._defer(o for o in pulls if o.status is None)
+                return
+            self._cached[model] = step
+            if step.error is not None:
+                self._registry_failed = True
+                for o in mine:
+                    self._finish(o, "failed", f"{o.node}: {step.error}")
+            elif step.deferred:
+                opens = window.next_open(at).astimezone(window.tz)
+                reason = (
+                    f"outside the allowed download window {window} (next opens "
+                    f"{opens:%Y-%m-%d %H:%M}) and not in olmd's cache yet; --ignore-window "
+                    "downloads now"
+                )
+                for o in mine:
+                    o.status, o.error = "deferred", f"deferred before the pull started: {reason}"
+                    self.progress.update(o.node, o.model, state="done", result="deferred",
+                                         error=o.error)  # fmt: skip
+
+    async def _until_stopped(
+        self, work: Coroutine[Any, Any, CacheStep], seconds: float | None
+    ) -> CacheStep | None:
+        """``work``'s result, or None if stop() or ``seconds`` came first (it is cancelled)."""
+        task = asyncio.create_task(work, name="olmd-sync cache")
+        stop = asyncio.create_task(self._stop.wait())
+        try:
+            await asyncio.wait({task, stop}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not task.done():
+                task.cancel()
+            await asyncio.wait({task, stop})
+        return None if task.cancelled() else task.result()
+
     async def _execute(self, pulls: list[Outcome], targets: dict[str, Target]) -> None:
         window = self._download.allowed_window
         budget: float | None = None
         closes_at = ""
-        if not self.options.ignore_window:
+        # Gateway mode: the registry downloads were the window's business; pulls from
+        # olmd's cache run over the LAN, at any time unless settings say otherwise.
+        anytime = self._gateway and self.settings.distribution.fanout_outside_window
+        if not self.options.ignore_window and not anytime:
             at = self._now()
             close = window.current_close(at)
             if close is None:
@@ -210,7 +278,10 @@ class SyncEngine:
         slots = asyncio.Semaphore(self._download.max_parallel_jobs)
         transports: dict[str, PullTransport] = {}
         for name in {targets[o.node].transport for o in pulls}:
-            transports[name] = self._make_transport(name)
+            transport = self._make_transport(name)
+            if self._gateway:
+                transport = MirroredTransport(transport, name, self.settings)
+            transports[name] = transport
         tasks = {
             asyncio.create_task(
                 self._pull(o, targets[o.node], transports[targets[o.node].transport], slots),
@@ -366,13 +437,25 @@ class SyncEngine:
         lost: dict[str, str],
     ) -> SyncResult:
         """Write the manifest (through the recorder, which may refuse: FencedOut)."""
-        manifest = build_run_manifest(
-            self.settings, self.options, result, targets, final, lost,
-            generated_at=self._now(), previous=self._record.previous_manifest(),
-        )  # fmt: skip
-        result.manifest = await self._record.save_manifest(manifest)
+        previous = self._record.previous_manifest()
         result.manifest_path = self._record.manifest_path
         result.stopped = self._stop_reason
+        changed = any(o.status == "pulled" for o in result.outcomes)
+        if self._registry_failed and previous is not None and not changed:
+            # No node changed and the registry failed us: the good manifest stays as it
+            # was; the state file and the run's result say what failed.
+            log.warning("sync.manifest_kept", reason="the registry step failed; no node changed")
+            result.manifest = previous
+            return result
+        manifest = build_run_manifest(
+            self.settings, self.options, result, targets, final, lost,
+            generated_at=self._now(), previous=previous,
+        )  # fmt: skip
+        if self._gateway and self._distributor is not None:
+            models = select_models(self.settings, self.options)
+            record = registry_record(self._distributor, models, self._cached, final, previous)
+            manifest = manifest.model_copy(update={"registry": record})
+        result.manifest = await self._record.save_manifest(manifest)
         return result
 
     async def _save_state(
