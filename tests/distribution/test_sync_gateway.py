@@ -1,0 +1,111 @@
+"""`olmd sync` in gateway mode: one download per model for the whole fleet."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon.emulator.registry import EmulatedRegistry
+from daemon.settings import load_settings
+from tests.distribution.support import MODELS, fleet, gateway_settings, listed, olmd, publish
+from tests.helpers import run_cli, write_settings
+
+
+@pytest.fixture
+async def registry() -> AsyncIterator[EmulatedRegistry]:
+    async with EmulatedRegistry() as reg:
+        yield reg
+
+
+def settings_file(tmp_path: Path, data: dict[str, Any]) -> Path:
+    return write_settings(tmp_path / "settings.toml", data)
+
+
+async def test_three_nodes_two_models_one_download_each(
+    tmp_path: Path, registry: EmulatedRegistry, capsys: pytest.CaptureFixture[str]
+) -> None:
+    digests = publish(registry)
+    big = json.loads(registry.manifests[("library", "llama3.1", "8b")])["layers"][0]["digest"]
+    registry.cut[big] = 100_000  # its first download breaks off after 100 kB
+    async with fleet(3) as nodes:
+        path = settings_file(tmp_path, gateway_settings(tmp_path, registry, nodes))
+        async with olmd(load_settings(path)):
+            code, out, err = await run_cli(capsys, "sync", "--config", str(path))
+            assert code == 0, out + err
+            for _, emu in nodes:
+                # Short names only, with the registry's digests: no prefixed name left.
+                assert await listed(emu) == {m: digests[m] for m in MODELS}
+    # The registry served each blob once (and one byte per blob that found its CDN URL):
+    # the cut download resumed where it stopped.
+    assert big not in registry.cut
+    served = registry.stats.blob_bytes
+    assert served == {digest: len(data) + 1 for digest, data in registry.blobs.items()}
+    assert registry.stats.total_bytes == sum(registry.model_bytes(m) + 3 for m in MODELS)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    for model in MODELS:
+        record = manifest["registry"][model]
+        assert record["digest"] == f"sha256:{digests[model]}"
+        assert record["nodes"] == ["n0", "n1", "n2"]
+    assert manifest["drift"] == []
+
+
+async def test_a_corrupt_blob_fails_the_model_on_every_node_and_keeps_the_manifest(
+    tmp_path: Path, registry: EmulatedRegistry, capsys: pytest.CaptureFixture[str]
+) -> None:
+    digests = publish(registry)
+    async with fleet(2) as nodes:
+        path = settings_file(tmp_path, gateway_settings(tmp_path, registry, nodes))
+        async with olmd(load_settings(path)):
+            code, out, err = await run_cli(capsys, "sync", "--config", str(path), "--models",
+                                           "llama3.1:8b")  # fmt: skip
+            assert code == 0, out + err
+            good = (tmp_path / "manifest.json").read_bytes()
+            # The registry now serves a new qwen3 whose big layer arrives corrupt.
+            registry.add_model("qwen3:8b", [300_000, 2_000], seed=7)
+            bad = json.loads(registry.manifests[("library", "qwen3", "8b")])["layers"][0]["digest"]
+            registry.corrupt.add(bad)
+            code, out, err = await run_cli(capsys, "sync", "--config", str(path), "--models",
+                                           "qwen3:8b")  # fmt: skip
+            assert code != 0
+            assert bad in out + err  # the failure names the digest
+            for _, emu in nodes:
+                assert await listed(emu) == {"llama3.1:8b": digests["llama3.1:8b"]}
+    assert (tmp_path / "manifest.json").read_bytes() == good
+    assert not (tmp_path / "cache" / "blobs" / bad.replace(":", "-")).exists()
+
+
+async def test_a_node_that_cannot_reach_olmd_fails_naming_the_url(
+    tmp_path: Path, registry: EmulatedRegistry, capsys: pytest.CaptureFixture[str]
+) -> None:
+    publish(registry)
+    async with fleet(1) as nodes:
+        data = gateway_settings(tmp_path, registry, nodes, models=["llama3.1:8b"])
+        # No olmd daemon answers on the advertised address.
+        path = settings_file(tmp_path, data)
+        code, out, err = await run_cli(capsys, "sync", "--config", str(path))
+    assert code != 0
+    advertised = data["distribution"]["advertise_url"]
+    assert f"{advertised}/v2/library/llama3.1/manifests/8b" in out + err
+
+
+async def test_skip_existing_and_dry_run_behave_as_in_direct_mode(
+    tmp_path: Path, registry: EmulatedRegistry, capsys: pytest.CaptureFixture[str]
+) -> None:
+    publish(registry)
+    async with fleet(2) as nodes:
+        path = settings_file(tmp_path, gateway_settings(tmp_path, registry, nodes))
+        async with olmd(load_settings(path)):
+            code, out, _ = await run_cli(capsys, "sync", "--config", str(path), "--dry-run")
+            assert code == 0
+            assert registry.stats.total_bytes == 0  # a dry run downloads nothing
+            assert await run_cli(capsys, "sync", "--config", str(path), "--host", "n0") != 1
+            assert list(await listed(nodes[1][1])) == []
+            before = registry.stats.total_bytes
+            code, _, _ = await run_cli(capsys, "sync", "--config", str(path), "--skip-existing")
+            assert code == 0
+            assert registry.stats.total_bytes == before  # n1 pulled from olmd's cache
+            assert sorted(await listed(nodes[1][1])) == sorted(MODELS)
