@@ -156,12 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _plugins() -> list[Callable[[Any], None]]:
     """Subcommands contributed by other modules (sync, verify-env, healthcheck, smoke,
-    status)."""
+    status, models)."""
+    from daemon.cli import models as models_cli
     from daemon.cli import ops as ops_cli
     from daemon.cli import status as status_cli
     from daemon.cli import sync as sync_cli
 
-    return [sync_cli.register, ops_cli.register, status_cli.register]
+    return [sync_cli.register, ops_cli.register, status_cli.register, models_cli.register]
 
 
 def main(argv: list[str] | None = None) -> int:
