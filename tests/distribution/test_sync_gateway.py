@@ -7,11 +7,21 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from daemon.emulator.registry import EmulatedRegistry
 from daemon.settings import load_settings
-from tests.distribution.support import MODELS, fleet, gateway_settings, listed, olmd, publish
+from tests.distribution.support import (
+    ADMIN,
+    MODELS,
+    TOKEN,
+    fleet,
+    gateway_settings,
+    listed,
+    olmd,
+    publish,
+)
 from tests.helpers import run_cli, write_settings
 
 
@@ -26,25 +36,43 @@ def settings_file(tmp_path: Path, data: dict[str, Any]) -> Path:
 
 
 async def test_three_nodes_two_models_one_download_each(
-    tmp_path: Path, registry: EmulatedRegistry, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    registry: EmulatedRegistry,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv("OLMD_ADMIN_TOKEN", TOKEN)
     digests = publish(registry)
     big = json.loads(registry.manifests[("library", "llama3.1", "8b")])["layers"][0]["digest"]
     registry.cut[big] = 100_000  # its first download breaks off after 100 kB
     async with fleet(3) as nodes:
         path = settings_file(tmp_path, gateway_settings(tmp_path, registry, nodes))
-        async with olmd(load_settings(path)):
+        async with olmd(load_settings(path)) as server:
             code, out, err = await run_cli(capsys, "sync", "--config", str(path))
             assert code == 0, out + err
             for _, emu in nodes:
                 # Short names only, with the registry's digests: no prefixed name left.
                 assert await listed(emu) == {m: digests[m] for m in MODELS}
+            async with aiohttp.ClientSession(headers=ADMIN) as http:
+                async with http.get(str(server.make_url("/admin/sync"))) as r:
+                    cache = (await r.json())["cache"]
+                async with http.get(str(server.make_url("/metrics"))) as r:
+                    metrics = await r.text()
+        code, out, _ = await run_cli(capsys, "sync", "--config", str(path), "--status")
+        assert code == 0
+        assert json.loads(out)["cache"]["models"] == cache["models"]
     # The registry served each blob once (and one byte per blob that found its CDN URL):
     # the cut download resumed where it stopped.
     assert big not in registry.cut
     served = registry.stats.blob_bytes
     assert served == {digest: len(data) + 1 for digest, data in registry.blobs.items()}
     assert registry.stats.total_bytes == sum(registry.model_bytes(m) + 3 for m in MODELS)
+    assert {m["name"]: m["digest"][7:] for m in cache["models"]} == digests
+    # Every node's pull came from olmd: at least three times each model's bytes served
+    # (Ollama's first GET of a blob, which only reads where the blob is, takes some more).
+    served = sum(3 * registry.model_bytes(m) for m in MODELS)
+    line = next(x for x in metrics.splitlines() if x.startswith("olmd_distribution_served"))
+    assert served <= float(line.split()[-1]) <= 2 * served
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     for model in MODELS:
         record = manifest["registry"][model]
