@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 LOCK := requirements/dev.txt
 PIP_TOOLS := pip-tools==7.7.0
 
-.PHONY: demo test lint bench bench-fleet lock test-latest clean
+.PHONY: demo test lint bench bench-fleet bench-sync lock test-latest clean
 
 $(STAMP): $(LOCK) pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ bench: $(STAMP)
 
 bench-fleet: $(STAMP)
 	$(BIN)/python bench/fleet.py
+
+bench-sync: $(STAMP)
+	$(BIN)/python bench/sync.py
 
 # The newest versions pyproject.toml's ranges allow, in the lock. Run `make test-latest`
 # first: it shows what the next lock would break. pip-tools runs in a venv of its own;

@@ -17,6 +17,7 @@ the bytes served per blob. Imports nothing of olmd.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
@@ -59,8 +60,13 @@ class RegistryStats:
 class EmulatedRegistry:
     """The registry on ``host:port`` (port 0: a free one)."""
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, *, host: str = "127.0.0.1", port: int = 0, link_bytes_per_second: float = 0.0
+    ) -> None:
         self.host = host
+        self.link = link_bytes_per_second
+        """The site's internet link, shared by every download (0: unlimited)."""
+        self._free_at = 0.0
         self._port = port
         self.manifests: dict[tuple[str, str, str], bytes] = {}
         self.blobs: dict[str, bytes] = {}
@@ -208,6 +214,11 @@ class EmulatedRegistry:
         self, response: web.StreamResponse, data: bytes, start: int, end: int, digest: str
     ) -> None:
         if end > start:
+            if self.link:
+                loop = asyncio.get_running_loop()
+                now = loop.time()
+                self._free_at = max(now, self._free_at) + (end - start) / self.link
+                await asyncio.sleep(self._free_at - now)
             await response.write(data[start:end])
             self.stats.blob_bytes[digest] = self.stats.blob_bytes.get(digest, 0) + end - start
 
