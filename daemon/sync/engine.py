@@ -12,9 +12,9 @@ import asyncio
 import random
 import re
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Literal
 
 import aiohttp
 
@@ -28,7 +28,7 @@ from daemon.settings import Settings
 from daemon.sync.claim import Recorder
 from daemon.sync.inventory import check_pulled
 from daemon.sync.inventory import inventory_all as _inventory_all  # tests patch this name
-from daemon.sync.mirror import CacheStep, MirroredTransport, cache_model, registry_record
+from daemon.sync.mirror import CacheStep, MirroredTransport, cache_models, registry_record
 from daemon.sync.plan import (
     Inventory,
     Outcome,
@@ -204,56 +204,30 @@ class SyncEngine:
     # -- pulls ---------------------------------------------------------------------------
 
     async def _cache(self, pulls: list[Outcome]) -> None:
-        """Gateway mode's first step: every model to pull into olmd's cache (registry
-        downloads only inside the window), or its pulls failed or deferred."""
+        """Gateway mode's first step (:func:`cache_models`): each model's pulls fail when
+        the registry failed it, wait when it cannot be downloaded outside the window, and
+        are cut as deferred when the run stops or the window closes meanwhile."""
         assert self._distributor is not None
-        window = self._download.allowed_window
-        at = self._now()
-        close = None if self.options.ignore_window else window.current_close(at)
-        loop = asyncio.get_running_loop()
-        deadline = None if close is None else loop.time() + (close - at).total_seconds()
-        in_window = self.options.ignore_window or close is not None
-        for model in dict.fromkeys(o.model for o in pulls):
-            mine = [o for o in pulls if o.model == model]
-            left = None if deadline is None else deadline - loop.time()
-            step = await self._until_stopped(cache_model(self._distributor, model, in_window), left)
-            if step is None:  # stopped, or the window closed during the download
-                if not self._stop.is_set() and close is not None:
-                    closes = f"{close.astimezone(window.tz):%H:%M} {window.zone}"
-                    self._stop_reason = self._stop_reason or f"the window closed at {closes}"
-                self._defer(o for o in pulls if o.status is None)
-                return
-            self._cached[model] = step
+        models = list(dict.fromkeys(o.model for o in pulls))
+        run = await cache_models(
+            self._distributor, models, self._download.allowed_window, self._now(),
+            ignore_window=self.options.ignore_window, stop=self._stop,
+        )  # fmt: skip
+        self._cached = run.steps
+        for o in pulls:
+            step = run.steps.get(o.model)
+            if step is None:
+                continue
             if step.error is not None:
                 self._registry_failed = True
-                for o in mine:
-                    self._finish(o, "failed", f"{o.node}: {step.error}")
-            elif step.deferred:
-                opens = window.next_open(at).astimezone(window.tz)
-                reason = (
-                    f"outside the allowed download window {window} (next opens "
-                    f"{opens:%Y-%m-%d %H:%M}) and not in olmd's cache yet; --ignore-window "
-                    "downloads now"
-                )
-                for o in mine:
-                    o.status, o.error = "deferred", f"deferred before the pull started: {reason}"
-                    self.progress.update(o.node, o.model, state="done", result="deferred",
-                                         error=o.error)  # fmt: skip
-
-    async def _until_stopped(
-        self, work: Coroutine[Any, Any, CacheStep], seconds: float | None
-    ) -> CacheStep | None:
-        """``work``'s result, or None if stop() or ``seconds`` came first (it is cancelled)."""
-        task = asyncio.create_task(work, name="olmd-sync cache")
-        stop = asyncio.create_task(self._stop.wait())
-        try:
-            await asyncio.wait({task, stop}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-            if not task.done():
-                task.cancel()
-            await asyncio.wait({task, stop})
-        return None if task.cancelled() else task.result()
+                self._finish(o, "failed", f"{o.node}: {step.error}")
+            elif step.deferred is not None:
+                o.status, o.error = "deferred", f"deferred before the pull started: {step.deferred}"
+                self.progress.update(o.node, o.model, state="done", result="deferred",
+                                     error=o.error)  # fmt: skip
+        if run.cut is not None:
+            self._stop_reason = self._stop_reason or run.cut
+            self._defer(o for o in pulls if o.status is None)
 
     async def _execute(self, pulls: list[Outcome], targets: dict[str, Target]) -> None:
         window = self._download.allowed_window

@@ -11,8 +11,11 @@ delete the long one (the blobs stay).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+import asyncio
+from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
 
 from daemon.distribution.client import RegistryError
 from daemon.distribution.mirror import Distributor, mirror_name
@@ -21,8 +24,17 @@ from daemon.ports import ModelTransport, PullError, PullProgress, PullTarget, Pu
 from daemon.settings import Settings
 from daemon.sync.manifest import Manifest, RegistryModel
 from daemon.sync.plan import Inventory
+from daemon.window import AllowedWindow
 
-__all__ = ["CacheStep", "MirroredTransport", "cache_model", "registry_record", "registry_url"]
+__all__ = [
+    "CacheRun",
+    "CacheStep",
+    "MirroredTransport",
+    "cache_model",
+    "cache_models",
+    "registry_record",
+    "registry_url",
+]
 
 
 def registry_url(settings: Settings, model: str) -> str:
@@ -66,27 +78,89 @@ class MirroredTransport:
 
 @dataclass
 class CacheStep:
-    """What the cache step found for one model: the cached digest and size, or why not."""
+    """What the cache step found for one model: the cached digest and size, or why not
+    (``error``: the registry failed it; ``deferred``: it must wait for the window)."""
 
     digest: str | None = None
     size: int = 0
     error: str | None = None
-    deferred: bool = False
+    deferred: str | None = None
 
 
-async def cache_model(distributor: Distributor, model: str, in_window: bool) -> CacheStep:
-    """Bring ``model`` into the cache (or find it there, outside the window)."""
-    fanout_anytime = distributor.settings.distribution.fanout_outside_window
-    if not in_window:
+@dataclass
+class CacheRun:
+    """The cache step of a run: a step per model handled, and why it was cut, if it was
+    (the models without a step were not handled)."""
+
+    steps: dict[str, CacheStep] = field(default_factory=dict)
+    cut: str | None = None
+
+
+async def cache_model(distributor: Distributor, model: str, waiting: str | None) -> CacheStep:
+    """Bring ``model`` into the cache; outside the window (``waiting`` says why it must
+    wait) only find it there."""
+    if waiting is not None:
         cached = distributor.cached(model)
-        if cached is None or not fanout_anytime:
-            return CacheStep(deferred=True)
+        if cached is None or not distributor.settings.distribution.fanout_outside_window:
+            return CacheStep(deferred=waiting)
         return CacheStep(digest=cached.digest, size=cached.size)
     try:
         cached = await distributor.ensure(model)
     except RegistryError as exc:
         return CacheStep(error=str(exc))
     return CacheStep(digest=cached.digest, size=cached.size)
+
+
+async def cache_models(
+    distributor: Distributor,
+    models: list[str],
+    window: AllowedWindow,
+    at: datetime,
+    *,
+    ignore_window: bool,
+    stop: asyncio.Event,
+) -> CacheRun:
+    """Each model into the cache in turn, registry downloads only inside ``window``
+    (unless ``ignore_window``); cut when ``stop`` is set or the window closes."""
+    close = None if ignore_window else window.current_close(at)
+    waiting = None
+    if not ignore_window and close is None:
+        opens = window.next_open(at).astimezone(window.tz)
+        waiting = (
+            f"outside the allowed download window {window} (next opens "
+            f"{opens:%Y-%m-%d %H:%M}) and not in olmd's cache yet; --ignore-window "
+            "downloads now"
+        )
+    loop = asyncio.get_running_loop()
+    deadline = None if close is None else loop.time() + (close - at).total_seconds()
+    run = CacheRun()
+    for model in models:
+        left = None if deadline is None else deadline - loop.time()
+        step = await _until(cache_model(distributor, model, waiting), stop, left)
+        if step is None:
+            if stop.is_set() or close is None:
+                run.cut = "olmd's cache step was stopped"
+            else:
+                run.cut = f"the window closed at {close.astimezone(window.tz):%H:%M} {window.zone}"
+            return run
+        run.steps[model] = step
+    return run
+
+
+async def _until(
+    work: Coroutine[Any, Any, CacheStep], stop: asyncio.Event, seconds: float | None
+) -> CacheStep | None:
+    """``work``'s result, or None if ``stop`` or ``seconds`` came first (it is cancelled)."""
+    task = asyncio.create_task(work, name="olmd-sync cache")
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not task.done():
+            task.cancel()
+        await asyncio.wait({task, stopped})
+    return None if task.cancelled() else task.result()
 
 
 def registry_record(

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from daemon.distribution.component import DISTRIBUTION
 from daemon.emulator.registry import EmulatedRegistry
 from daemon.settings import load_settings
+from daemon.sync.service import SyncOptions, run_sync
 from tests.distribution.support import (
     ADMIN,
     MODELS,
@@ -23,6 +26,7 @@ from tests.distribution.support import (
     publish,
 )
 from tests.helpers import run_cli, write_settings
+from tests.sync.support import UTC8
 
 
 @pytest.fixture
@@ -138,3 +142,25 @@ async def test_skip_existing_and_dry_run_behave_as_in_direct_mode(
             assert code == 0
             assert registry.stats.total_bytes == before  # n1 pulled from olmd's cache
             assert sorted(await listed(nodes[1][1])) == sorted(MODELS)
+
+
+async def test_outside_the_window_only_cached_models_reach_the_nodes(
+    tmp_path: Path, registry: EmulatedRegistry
+) -> None:
+    digests = publish(registry)
+    async with fleet(2) as nodes:
+        data = gateway_settings(tmp_path, registry, nodes)
+        data["services"]["ollama"]["download"]["allowed_window"] = "02:00-06:00 UTC+8"
+        settings = load_settings(settings_file(tmp_path, data))
+        async with olmd(settings) as server:
+            await server.app[DISTRIBUTION].ensure("llama3.1:8b")  # cached earlier
+            before = registry.stats.total_bytes
+            noon = datetime(2024, 3, 10, 12, 0, tzinfo=UTC8)  # outside the window
+            result = await run_sync(settings, SyncOptions(), now=lambda: noon)
+            outcomes = {(o.node, o.model): o for o in result.outcomes}
+            for name, emu in nodes:
+                # The cached model went out over the LAN; the other waits for the window.
+                assert await listed(emu) == {"llama3.1:8b": digests["llama3.1:8b"]}
+                assert outcomes[(name, "qwen3:8b")].status == "deferred"
+                assert "not in olmd's cache yet" in (outcomes[(name, "qwen3:8b")].error or "")
+    assert registry.stats.total_bytes == before  # nothing came from the registry
