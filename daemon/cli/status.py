@@ -89,7 +89,14 @@ async def fetch_status(http: aiohttp.ClientSession, url: str, token: str | None)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise StatusError(f"{url}{path}: {str(exc) or type(exc).__name__}") from exc
 
-    nodes, sync = await asyncio.gather(get("/admin/nodes"), get("/admin/sync"))
+    # Both at once; when both fail, the nodes' error is the one told (not whichever
+    # answer came first).
+    nodes, sync = await asyncio.gather(
+        get("/admin/nodes"), get("/admin/sync"), return_exceptions=True
+    )
+    for answer in (nodes, sync):
+        if isinstance(answer, BaseException):
+            raise answer
     return {"url": url, "nodes": nodes, "sync": sync}
 
 

@@ -24,10 +24,17 @@ __all__ = ["Mirror", "NodeRef", "fleet_pull", "on_each"]
 Line = dict[str, Any]
 
 
+def _same(text: str) -> str:
+    return text
+
+
 @dataclass(frozen=True)
 class NodeRef:
+    """A node to act on. ``redact`` takes a secret address out of its error messages."""
+
     name: str
     url: str
+    redact: Callable[[str], str] = _same
 
 
 @dataclass(frozen=True)
@@ -61,7 +68,7 @@ async def _pull_one(
         detail = str(exc)
         if mirror is not None:
             detail = f"pulling from olmd at {mirror.manifest_url} failed: {detail}"
-        await out.put((node.name, detail))
+        await out.put((node.name, node.redact(detail)))
         return
     await out.put((node.name, None))
 
@@ -139,7 +146,7 @@ async def on_each(
         try:
             await call(node)
         except NodeError as exc:
-            return exc
+            return NodeError(node.redact(str(exc)), exc.status)
         return None
 
     results = await asyncio.gather(*(one(n) for n in nodes))

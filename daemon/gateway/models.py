@@ -40,10 +40,10 @@ def _targets(request: web.Request) -> list[NodeRef] | web.Response:
             node = fleet.get(name)
             if node is None:
                 return json_error(400, f"X-Olmd-Nodes: no node named {name!r}")
-            out.append(NodeRef(node.name, node.url))
+            out.append(NodeRef(node.name, node.url, node.redact))
         return out
     now = time.monotonic()
-    up = [NodeRef(n.name, n.url) for n in fleet if n.state(now) is not NodeState.DOWN]
+    up = [NodeRef(n.name, n.url, n.redact) for n in fleet if n.state(now) is not NodeState.DOWN]
     if not up:
         return json_error(503, "no node is up")
     return up

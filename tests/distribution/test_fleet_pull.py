@@ -11,6 +11,7 @@ import pytest
 from daemon.emulator.registry import EmulatedRegistry
 from daemon.settings import Settings
 from tests.distribution.support import ADMIN, fleet, gateway_settings, listed, olmd, publish
+from tests.helpers import free_port
 
 
 @pytest.fixture
@@ -114,3 +115,22 @@ async def test_a_node_that_cannot_reach_olmd_is_named_with_the_url_it_tried(
     message = str(failed.value)
     assert "failed on 2 of 2 nodes" in message
     assert "http://127.0.0.1:9/v2/library/llama3.1/manifests/8b" in message
+
+
+async def test_a_secret_node_address_stays_out_of_a_fleet_pull_error(
+    tmp_path: Path, registry: EmulatedRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dead = free_port()
+    monkeypatch.setenv("OLLAMA_REMOTE_HOST", "127.0.0.1")
+    monkeypatch.setenv("OLLAMA_REMOTE_PORT", str(dead))
+    data = gateway_settings(tmp_path, registry, [], mode="direct")
+    del data["services"]["ollama"]["nodes"]
+    async with olmd(Settings(**data)) as server:
+        headers = {**ADMIN, "X-Olmd-Nodes": "ollama"}
+        async with ollama.AsyncClient(host=str(server.make_url("/")), headers=headers) as c:
+            with pytest.raises(ollama.ResponseError) as failed:
+                await c.pull("llama3.1:8b")
+    message = str(failed.value)
+    assert "ollama: cannot reach" in message
+    assert "127.0.0.1" not in message
+    assert str(dead) not in message
