@@ -91,13 +91,13 @@ async def fetch_status(http: aiohttp.ClientSession, url: str, token: str | None)
 
     # Both at once; when both fail, the nodes' error is the one told (not whichever
     # answer came first).
-    nodes, sync = await asyncio.gather(
+    answers: list[Any] = await asyncio.gather(
         get("/admin/nodes"), get("/admin/sync"), return_exceptions=True
     )
-    for answer in (nodes, sync):
+    for answer in answers:
         if isinstance(answer, BaseException):
             raise answer
-    return {"url": url, "nodes": nodes, "sync": sync}
+    return {"url": url, "nodes": answers[0], "sync": answers[1]}
 
 
 def _indent(lines: list[str], by: str = "  ") -> list[str]:
