@@ -91,9 +91,7 @@ async def fetch_status(http: aiohttp.ClientSession, url: str, token: str | None)
 
     # Both at once; when both fail, the nodes' error is the one told (not whichever
     # answer came first).
-    answers: list[Any] = await asyncio.gather(
-        get("/admin/nodes"), get("/admin/sync"), return_exceptions=True
-    )
+    answers = await asyncio.gather(get("/admin/nodes"), get("/admin/sync"), return_exceptions=True)
     for answer in answers:
         if isinstance(answer, BaseException):
             raise answer
