@@ -7,7 +7,7 @@ What Ollama's registry does and this one does too: ``GET``/``HEAD
 another host name (the public registry sends clients to its CDN): a request to
 ``127.0.0.1`` goes to ``localhost`` and the other way round, where the bytes are served
 with ``Range`` (``206``). Faults for tests: a blob served corrupt (one byte flipped), a
-blob whose next download is cut after some bytes. :attr:`EmulatedRegistry.stats` counts
+blob whose next download is cut after some bytes, or stalls after some bytes. :attr:`EmulatedRegistry.stats` counts
 the bytes served per blob. Imports nothing of olmd.
 
     async with EmulatedRegistry() as registry:
@@ -74,6 +74,8 @@ class EmulatedRegistry:
         """Digests served with one byte flipped (the digest no longer matches)."""
         self.cut: dict[str, int] = {}
         """Digest → bytes after which its next download is cut (once)."""
+        self.stall: dict[str, int] = {}
+        """Digest → bytes after which its next download sends nothing more (once)."""
         self.blob_answer: Literal["redirect", "location", "plain"] = "redirect"
         """How a blob GET is answered: 307 to another host name (the public registry),
         200 with a Location header (olmd's own answer), or a plain 200 (Ollama refuses)."""
@@ -196,6 +198,11 @@ class EmulatedRegistry:
             del self.cut[digest]  # this download is the one cut
         else:
             cut_after = None
+        stall_after = self.stall.get(digest)
+        if stall_after is not None and stop - start > stall_after:
+            del self.stall[digest]
+            await self._send(response, data, start, start + stall_after, digest)
+            await asyncio.sleep(3600)  # until the client gives up (or the registry stops)
         offset = start
         while offset < stop:
             end = min(stop, offset + _CHUNK)

@@ -132,3 +132,20 @@ async def test_the_cache_stays_under_its_bound_evicting_what_no_model_needs(
     assert dist.cached("old:1b") is None
     assert dist.cache.size() <= dist.cache.max_bytes
     assert [m.ref for m in dist.cache.models()] == [ModelRef.parse("llama3.1:8b")]
+
+
+async def test_a_stalled_download_is_abandoned_and_resumed(
+    tmp_path: Path, registry: EmulatedRegistry, session: aiohttp.ClientSession
+) -> None:
+    registry.add_model("llama3.1:8b", SIZES)
+    big = next(d for d, data in registry.blobs.items() if len(data) == SIZES[0])
+    registry.stall[big] = 60_000  # then nothing, for an hour
+    settings = settings_for(tmp_path, registry, download_parts=1)
+    download = settings.services.ollama.download.model_copy(update={"stall_timeout": 0.3})
+    ollama_ = settings.services.ollama.model_copy(update={"download": download})
+    settings = settings.model_copy(
+        update={"services": settings.services.model_copy(update={"ollama": ollama_})}
+    )
+    found = await Distributor(settings, session).ensure("llama3.1:8b")
+    assert any(d == big for d, _ in found.blobs)
+    assert registry.stats.blob_bytes[big] == SIZES[0] + 1  # resumed after the stall
