@@ -7,8 +7,8 @@ What Ollama's registry does and this one does too: ``GET``/``HEAD
 another host name (the public registry sends clients to its CDN): a request to
 ``127.0.0.1`` goes to ``localhost`` and the other way round, where the bytes are served
 with ``Range`` (``206``). Faults for tests: a blob served corrupt (one byte flipped), a
-blob whose next download is cut after some bytes, or stalls after some bytes. :attr:`EmulatedRegistry.stats` counts
-the bytes served per blob. Imports nothing of olmd.
+blob whose next download is cut, or stalls, after some bytes. :attr:`EmulatedRegistry.stats`
+counts the bytes served per blob. Imports nothing of olmd.
 
     async with EmulatedRegistry() as registry:
         digest = registry.add_model("llama3.1:8b", [3_000_000, 1_000])
