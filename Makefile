@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 LOCK := requirements/dev.txt
 PIP_TOOLS := pip-tools==7.7.0
 
-.PHONY: demo test lint bench bench-fleet bench-tenants lock test-latest clean
+.PHONY: demo test lint bench bench-fleet bench-tenants bench-sync lock test-latest clean
 
 $(STAMP): $(LOCK) pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ bench-fleet: $(STAMP)
 
 bench-tenants: $(STAMP)
 	$(BIN)/python bench/tenants.py
+
+bench-sync: $(STAMP)
+	$(BIN)/python bench/sync.py
 
 # The newest versions pyproject.toml's ranges allow, in the lock. Run `make test-latest`
 # first: it shows what the next lock would break. pip-tools runs in a venv of its own;

@@ -445,3 +445,35 @@ class SyncMetrics:
             self.last_run.set(last_run)
         if last_success is not None:
             self.last_success.set(last_success)
+
+
+class DistributionMetrics:
+    """The blob cache (``[distribution] mode = "gateway"``): bytes in and out, size, hits."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry_bytes = Counter(
+            "olmd_distribution_registry_bytes",
+            "Blob bytes downloaded from the registry into the cache",
+            registry=registry,
+        )
+        self.served_bytes = Counter(
+            "olmd_distribution_served_bytes",
+            "Blob bytes served from the cache to the nodes",
+            registry=registry,
+        )
+        self.cache_bytes = Gauge(
+            "olmd_distribution_cache_bytes",
+            "Bytes of blobs in the cache",
+            registry=registry,
+        )
+        self.lookups = Counter(
+            "olmd_distribution_cache_lookups",
+            "Blobs a model needed, by result: hit (in the cache) or miss (downloaded)",
+            ["result"],
+            registry=registry,
+        )
+        self.evicted_bytes = Counter(
+            "olmd_distribution_evicted_bytes",
+            "Blob bytes evicted from the cache to stay under max_cache_gb",
+            registry=registry,
+        )

@@ -299,3 +299,29 @@ class SharedQuota(Protocol):
     async def usage_rows(self, days: list[str]) -> list[tuple[str, str, str, str, float]] | None:
         """Every gateway's usage counts for ``days``; None when the store is down."""
         ...
+
+
+@runtime_checkable
+class ModelTransport(PullTransport, Protocol):
+    """A transport that can also do what gateway mode needs (``[distribution] mode =
+    "gateway"``): pull from olmd's registry endpoint without TLS, then give the model its
+    short name and remove the long one. Both built-in transports are one.
+
+    Same contract as :class:`PullTransport` for :meth:`pull_from`; :meth:`copy` and
+    :meth:`delete` are single attempts too, raising :class:`PullError` on failure
+    (``delete`` of a name the node does not hold is not a failure).
+    """
+
+    async def pull_from(
+        self, target: PullTarget, model: str, progress: PullProgress, *, insecure: bool
+    ) -> None:
+        """Pull ``model`` (``host:port/ns/name:tag``); ``insecure``: plain HTTP allowed."""
+        ...
+
+    async def copy(self, target: PullTarget, source: str, destination: str) -> None:
+        """Give ``source``'s manifest the name ``destination`` too (blobs are shared)."""
+        ...
+
+    async def delete(self, target: PullTarget, model: str) -> None:
+        """Remove the name ``model`` (blobs another name uses stay)."""
+        ...

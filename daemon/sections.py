@@ -302,6 +302,26 @@ class SshSettings(Section):
     connect_timeout: Seconds = 10.0
 
 
+class DistributionSettings(Section):
+    """How models reach the nodes: each from the registry itself (``direct``), or
+    downloaded once by olmd into its blob cache and pulled by the nodes from olmd
+    (``gateway``)."""
+
+    mode: Literal["direct", "gateway"] = "direct"
+    # Models named without a host come from here (Ollama's own registry by default).
+    registry: str = Field(default="https://registry.ollama.ai", pattern=r"^https?://[^/\s]+/?$")
+    cache_dir: Path = Path("/var/cache/olmd/models")
+    # Least recently used blobs that no configured model needs go first.
+    max_cache_gb: float = Field(default=500.0, gt=0)
+    # How the nodes reach olmd ("http://10.0.0.5:11435"); empty: from [server].
+    advertise_url: str = Field(default="", pattern=r"^(https?://[^/\s]+/?)?$")
+    # Nodes may pull cached models from olmd outside the download window (LAN only).
+    fanout_outside_window: bool = True
+    # Parallel Range requests per blob, and the size of each part.
+    download_parts: int = Field(default=8, ge=1, le=64)
+    part_size_mb: int = Field(default=100, ge=1, le=4096)
+
+
 def redact_address(text: str, host: str, port: int, name: str) -> str:
     """``text`` without ``host`` and ``port``: "host:port", the host, and the port as a
     whole number (error texts also show them apart, as in ``('10.0.0.5', 11434)``)."""

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from daemon.cluster.client import cluster_component
+from daemon.distribution.component import distribution_component
 from daemon.gateway.app import create_app
 from daemon.gateway.component import gateway_component
 from daemon.gateway.tenants import tenancy_component
@@ -93,9 +94,15 @@ def _announce(settings: Settings, port: int) -> None:
 
 
 def build_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Application:
-    """The daemon as it runs: the cluster's Redis client (when on), the gateway, tenancy,
-    then the sync service (its scheduler inside)."""
-    components = (cluster_component, gateway_component, tenancy_component, sync_component)
+    """The daemon as it runs: the cluster's Redis client (when on), the distributor (the
+    blob cache), the gateway, tenancy, then the sync service (its scheduler inside)."""
+    components = (
+        cluster_component,
+        distribution_component,
+        gateway_component,
+        tenancy_component,
+        sync_component,
+    )
     return create_app(settings, metrics=metrics, components=components)
 
 

@@ -38,6 +38,7 @@ from pydantic_settings import (
 
 from daemon.sections import (
     ClusterSettings,
+    DistributionSettings,
     DownloadSettings,
     JobsSettings,
     NodeSettings,
@@ -59,6 +60,7 @@ from daemon.window import AllowedWindow
 # The sections are defined in daemon.sections; settings.py is where everyone imports them.
 __all__ = [
     "ClusterSettings",
+    "DistributionSettings",
     "DownloadSettings",
     "JobsSettings",
     "NodeSettings",
@@ -140,6 +142,7 @@ class Settings(BaseSettings):
     cluster: ClusterSettings = ClusterSettings()
     tenants: list[TenantSettings] = []
     usage: UsageSettings = UsageSettings()
+    distribution: DistributionSettings = DistributionSettings()
 
     # Secrets: environment or .env only.
     api_keys: Annotated[list[SecretStr], NoDecode, BeforeValidator(_split_keys)] = Field(
@@ -207,6 +210,21 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _nodes_can_reach_olmd(self) -> Settings:
+        dist = self.distribution
+        if (
+            dist.mode == "gateway"
+            and not dist.advertise_url
+            and self.server.host in ("0.0.0.0", "::")
+        ):
+            raise ValueError(
+                "distribution.advertise_url: gateway mode needs the address the nodes reach "
+                f"olmd at; server.host {self.server.host!r} listens on every address "
+                '(e.g. advertise_url = "http://10.0.0.5:11435")'
+            )
+        return self
+
+    @model_validator(mode="after")
     def _cron_inside_window(self) -> Settings:
         job, window = self.jobs.ollama_sync, self.services.ollama.download.allowed_window
         outside = _first_time_outside(job.schedule_cron, window) if job.enabled else None
@@ -237,6 +255,15 @@ class Settings(BaseSettings):
                 ssh_user=self.ssh_user,
             )
         ]
+
+    def advertise_url(self) -> str:
+        """How the nodes reach olmd: ``distribution.advertise_url``, else ``[server]``'s
+        address (a wildcard listen address cannot be reached: set advertise_url then)."""
+        if self.distribution.advertise_url:
+            return self.distribution.advertise_url.rstrip("/")
+        host = self.server.host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.server.port}"
 
     def models(self) -> list[str]:
         """Baseline then fallback models, each once, in order."""
@@ -497,6 +524,9 @@ def anchor_paths(settings: Settings, base: Path) -> Settings:
                 }
             ),
             "report": settings.report.model_copy(update={"path": anchor(settings.report.path)}),
+            "distribution": settings.distribution.model_copy(
+                update={"cache_dir": anchor(settings.distribution.cache_dir)}
+            ),
             "ssh": ssh.model_copy(
                 update={"known_hosts": anchor(ssh.known_hosts) if ssh.known_hosts else None}
             ),

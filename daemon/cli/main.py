@@ -156,13 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _plugins() -> list[Callable[[Any], None]]:
     """Subcommands contributed by other modules (sync, verify-env, healthcheck, smoke,
-    status, keys, usage)."""
+    status, keys, usage, models)."""
+    from daemon.cli import models as models_cli
     from daemon.cli import ops as ops_cli
     from daemon.cli import status as status_cli
     from daemon.cli import sync as sync_cli
     from daemon.cli import tenants as tenants_cli
 
-    return [sync_cli.register, ops_cli.register, status_cli.register, tenants_cli.register]
+    return [
+        sync_cli.register,
+        ops_cli.register,
+        status_cli.register,
+        tenants_cli.register,
+        models_cli.register,
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -91,8 +91,13 @@ async def fetch_status(http: aiohttp.ClientSession, url: str, token: str | None)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise StatusError(f"{url}{path}: {str(exc) or type(exc).__name__}") from exc
 
-    nodes, sync = await asyncio.gather(get("/admin/nodes"), get("/admin/sync"))
-    return {"url": url, "nodes": nodes, "sync": sync}
+    # Both at once; when both fail, the nodes' error is the one told (not whichever
+    # answer came first).
+    answers = await asyncio.gather(get("/admin/nodes"), get("/admin/sync"), return_exceptions=True)
+    for answer in answers:
+        if isinstance(answer, BaseException):
+            raise answer
+    return {"url": url, "nodes": answers[0], "sync": answers[1]}
 
 
 def _indent(lines: list[str], by: str = "  ") -> list[str]:

@@ -59,6 +59,11 @@ class EmulatorConfig(BaseModel):
         description="models in memory at once (OLLAMA_MAX_LOADED_MODELS); loading one more "
         "evicts the least recently used idle one; 0 = unlimited",
     )
+    registry: str = Field(
+        "",
+        description="where a pull of a name without a host goes (http://host:port); "
+        "empty: nowhere, the pull is simulated with pull_size and pull_speed",
+    )
     pull_size: int = Field(1_000_000, ge=1, description="bytes a pull transfers")
     pull_speed: float = Field(0.0, ge=0, description="pull bytes per second, 0 = unlimited")
     concurrency: int = Field(0, ge=0, description="requests generating at once, 0 = unlimited")

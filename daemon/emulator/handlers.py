@@ -21,6 +21,7 @@ from daemon.emulator import bodies, generation
 from daemon.emulator import formats as fmt
 from daemon.emulator.config import describe, normalize, valid_name
 from daemon.emulator.formats import Reject
+from daemon.emulator.registry_pull import RegistryPullError, pull_from_registry, registry_base
 from daemon.emulator.responses import (
     Handler,
     Sink,
@@ -162,11 +163,16 @@ async def _v1_model(request: web.Request) -> web.StreamResponse:
 # ---------------------------------------------------------------- pull
 
 
-async def _pull_model(request: web.Request, state: EmulatorState, name: str, emit: Emit) -> bool:
+async def _pull_model(
+    request: web.Request, state: EmulatorState, name: str, emit: Emit, insecure: bool = False
+) -> bool:
     """Ollama's pull conversation, True if it succeeded. Progress outlives a disconnect,
     so the next pull of the model resumes where this one stopped."""
     cfg = state.config
     await emit({"status": "pulling manifest"}, False)
+    source = registry_base(name, insecure, cfg.registry)
+    if source is not None:
+        return await _pull_registry(state, name, source, emit)
     if any(u.lower() == name.lower() for u in cfg.unavailable):
         await emit({"error": fmt.ERR_PULL_MANIFEST}, True)
         return False
@@ -196,6 +202,44 @@ async def _pull_model(request: web.Request, state: EmulatorState, name: str, emi
     return True
 
 
+async def _pull_registry(
+    state: EmulatorState, name: str, source: tuple[str, str], emit: Emit
+) -> bool:
+    try:
+        raw, _ = await pull_from_registry(*source, state.blobs, emit)
+    except RegistryPullError as exc:
+        await emit({"error": str(exc)}, True)
+        return False
+    await emit({"status": "verifying sha256 digest"}, False)
+    await emit({"status": "writing manifest"}, False)
+    state.add_model(name)
+    state.manifests[state.find(name) or name] = raw
+    await emit({"status": "success"}, True)
+    return True
+
+
+async def _copy(request: web.Request) -> web.StreamResponse:
+    """``POST /api/copy {"source", "destination"}``: the same manifest under a new name."""
+    state = request.app[STATE_KEY]
+    body = await read_body(request)
+    source, destination = body.get("source"), body.get("destination")
+    if not isinstance(destination, str) or not valid_name(destination.strip()):
+        raise Reject(400, f"invalid destination name {json.dumps(destination)}")
+    found = state.find(source) if isinstance(source, str) else None
+    if found is None:
+        raise Reject(404, f"model '{source}' not found")
+    target = normalize(destination)
+    raw = state.manifests.get(found)
+    digest = state.digest(found)
+    state.add_model(target)
+    target = state.find(target) or target
+    if raw is not None:
+        state.manifests[target] = raw
+    else:
+        state.update({"digests": {**state.config.digests, target: digest}})
+    return web.Response()
+
+
 async def _pull(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE_KEY]
     body = await read_body(request)
@@ -203,6 +247,7 @@ async def _pull(request: web.Request) -> web.StreamResponse:
     if not isinstance(raw, str) or not valid_name(raw.strip()):
         raise Reject(400, fmt.ERR_INVALID_NAME)
     name = state.find(raw) or normalize(raw)
+    insecure = body.get("insecure") is True
     stats = state.stats
     stats.pulls_in_flight += 1
     stats.max_pulls_in_flight = max(stats.max_pulls_in_flight, stats.pulls_in_flight)
@@ -213,7 +258,7 @@ async def _pull(request: web.Request) -> web.StreamResponse:
             async def send(line: dict[str, Any], last: bool) -> None:
                 await sink.send(fmt.ndjson(line), last=last)
 
-            if await _pull_model(request, state, name, send):
+            if await _pull_model(request, state, name, send, insecure):
                 stats.completed += 1
             return sink.response
         latest: dict[str, Any] = {}
@@ -222,7 +267,7 @@ async def _pull(request: web.Request) -> web.StreamResponse:
             latest.clear()
             latest.update(line)
 
-        await _pull_model(request, state, name, keep)
+        await _pull_model(request, state, name, keep, insecure)
         if "error" in latest:  # Ollama's waitForStream answers 500 to an error
             return error_response(500, latest["error"], openai=False)
         return await single(request, latest, openai=False, error=fmt.ERR_PULL_EOF)
@@ -282,6 +327,7 @@ def add_routes(app: web.Application) -> None:
         "/api/embed": _embed,
         "/api/embeddings": _embeddings,
         "/api/pull": _pull,
+        "/api/copy": _copy,
         "/api/show": _show,
         "/v1/chat/completions": generation.v1_chat,
         "/v1/completions": generation.v1_completions,

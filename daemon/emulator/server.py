@@ -141,6 +141,7 @@ _FLAGS: tuple[tuple[str, str, type, str], ...] = (
         "prompt tokens a slot evaluates per second, 0 = instant",
     ),
     ("--max-loaded", "max_loaded", int, "models in memory at once, 0 = unlimited"),
+    ("--registry", "registry", str, "where pulls of names without a host go (http://h:p)"),
     ("--pull-size", "pull_size", int, "bytes one pull transfers"),
     ("--pull-speed", "pull_speed", float, "pull bytes per second, 0 = unlimited"),
     ("--concurrency", "concurrency", int, "requests generating at once, 0 = unlimited"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import time
 from collections import deque
 from typing import Any
@@ -84,6 +85,10 @@ class EmulatorState:
         self._started = time.time_ns()
         self.modified: dict[str, int] = {}  # name → ns since the epoch
         self.pull_progress: dict[str, int] = {}  # bytes already downloaded, kept for resume
+        # Models pulled from a registry: their manifest bytes (the digest is their sha256),
+        # and the blobs on disk (digests only: the bytes are not kept).
+        self.manifests: dict[str, bytes] = {}
+        self.blobs: set[str] = set()
         self.models = SlotTable(num_parallel=config.num_parallel, max_loaded=config.max_loaded)
         self._waiters: deque[asyncio.Future[None]] = deque()  # at the concurrency gate
         self._queue: list[_Waiter] = []  # for a model or a slot, in arrival order
@@ -100,6 +105,9 @@ class EmulatorState:
         return next((m for m in self.config.models if m.lower() == wanted), None)
 
     def digest(self, name: str) -> str:
+        raw = self.manifests.get(name)
+        if raw is not None:
+            return hashlib.sha256(raw).hexdigest()
         return self.config.digests.get(name.lower()) or default_digest(name)
 
     def modified_ns(self, name: str) -> int:
@@ -120,6 +128,7 @@ class EmulatorState:
         self.config = self.config.model_copy(update={"models": models})
         self.models.unload(name)
         self.modified.pop(name, None)
+        self.manifests.pop(name, None)
 
     def take_fault(self, route: str) -> tuple[str, int]:
         """(kind, fault_after) for a request to ``route``, counted against fault_count."""

@@ -73,6 +73,11 @@ def _matches(token: bytes | None, secrets: tuple[bytes, ...]) -> bool:
     return found
 
 
+def is_registry(path: str) -> bool:
+    """Whether this (normalised) path is one of the registry routes nodes pull from."""
+    return path == "/v2" or path.startswith("/v2/")
+
+
 def is_openai(path: str) -> bool:
     """Whether errors on this (normalised) path take OpenAI's shape."""
     return path == "/v1" or path.startswith("/v1/")
@@ -163,6 +168,10 @@ def check(request: web.Request, runtime: Runtime) -> web.Response | None:
     if resource is not None:
         paths.add(resource.canonical.lower())
     if paths <= OPEN:
+        return None
+    if all(is_registry(p) for p in paths):
+        # Ollama sends no credentials when it pulls: the registry routes let only the
+        # nodes' addresses and loopback in, and serve only what the cache holds.
         return None
     error = openai_error if any(is_openai(p) for p in paths) else json_error
     if any(is_management(p) or p == "/admin" or p.startswith("/admin/") for p in paths):

@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from daemon.gateway import admin, catalog, ui
+from daemon.gateway import admin, catalog, models, registry_routes, ui
 from daemon.gateway.component import GATEWAY
 from daemon.gateway.fleet import model_key
 from daemon.gateway.guard import as_openai, is_admin
@@ -105,13 +105,22 @@ async def _openai_fallback(request: web.Request) -> web.StreamResponse:
     return openai_error(404, f"no route {request.path}")
 
 
+_FLEET_WIDE: dict[str, Handler] = {
+    "/api/pull": models.pull,
+    "/api/delete": models.delete,
+    "/api/copy": models.copy,
+}
+
+
 async def _management(request: web.Request) -> web.StreamResponse:
-    # The guard let only the admin token through. The target node is named explicitly:
-    # model management is the sync engine's job, this is the operator's escape hatch.
+    # The guard let only the admin token through. X-Olmd-Node names one node: the request
+    # passes through to it as it is. Without it, pull, delete and copy go to the fleet.
     if not is_admin(request):  # defence in depth; the guard refuses first
         return json_error(403, "this route needs the admin token")
     gateway = request.app[GATEWAY]
     name = request.headers.get("X-Olmd-Node", "")
+    if not name and request.path in _FLEET_WIDE:
+        return await _FLEET_WIDE[request.path](request)
     node = gateway.fleet.get(name)
     if node is None:
         return json_error(400, "name the target node in the X-Olmd-Node header")
@@ -135,5 +144,6 @@ def add_routes(app: web.Application) -> None:
         router.add_post(path, _management)
     router.add_delete("/api/delete", _management)
     router.add_route("*", "/api/blobs/{digest}", _management)
+    registry_routes.add_routes(app)
     admin.add_routes(app)
     ui.add_routes(app)

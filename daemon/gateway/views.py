@@ -17,6 +17,7 @@ __all__ = [
     "MANIFEST_COLUMNS",
     "NODE_COLUMNS",
     "TENANT_COLUMNS",
+    "cache_lines",
     "duration",
     "human_bytes",
     "manifest_rows",
@@ -308,6 +309,30 @@ def sync_lines(sync: Json | None) -> list[str]:
     if sync.get("schedule"):
         lines.append(_schedule_line(sync["schedule"]))
     lines.append(_manifest_line(sync.get("manifest")))
+    lines += cache_lines(sync.get("cache"))
+    return lines
+
+
+def _gb(count: object) -> str:
+    return f"{(count if isinstance(count, int) else 0) / 1e9:.2f} GB"
+
+
+def cache_lines(cache: Json | None) -> list[str]:
+    """Gateway mode: olmd's blob cache, its models and the downloads under way."""
+    if not cache:
+        return []
+    models = cache.get("models") or []
+    lines = [
+        f"cache: {len(models)} model(s), {_gb(cache.get('cache_bytes'))} of "
+        f"{_gb(cache.get('max_cache_bytes'))} in {cache.get('cache_dir')} (from "
+        f"{cache.get('registry')}; nodes pull from {cache.get('advertise_url')})"
+    ]
+    for model in models:
+        lines.append(f"cached {model['name']} {str(model['digest'])[7:19]} {_gb(model['size'])}")
+    for name, done in (cache.get("downloading") or {}).items():
+        total = done.get("total") or 0
+        share = f"{100 * done.get('completed', 0) / total:.0f}%" if total else "starting"
+        lines.append(f"downloading {name} into the cache: {share} of {_gb(total)}")
     return lines
 
 

@@ -19,6 +19,7 @@ from typing import Literal
 import aiohttp
 
 from daemon import registry
+from daemon.distribution.mirror import Distributor
 from daemon.domain import ModelRef
 from daemon.logs import get_logger
 from daemon.metrics import SyncMetrics
@@ -27,6 +28,7 @@ from daemon.settings import Settings
 from daemon.sync.claim import Recorder
 from daemon.sync.inventory import check_pulled
 from daemon.sync.inventory import inventory_all as _inventory_all  # tests patch this name
+from daemon.sync.mirror import CacheStep, MirroredTransport, cache_models, registry_record
 from daemon.sync.plan import (
     Inventory,
     Outcome,
@@ -99,6 +101,7 @@ class SyncEngine:
         backoff: Backoff | None = None,
         rng: random.Random | None = None,
         recorder: Recorder | None = None,
+        distributor: Distributor | None = None,
     ) -> None:
         self.settings = settings
         self.options = options
@@ -116,6 +119,10 @@ class SyncEngine:
         self._closing = False  # once set, no pull starts
         self._interrupted = False  # stop() cut pulls short: not the window's finished sync
         self._node_fatal: dict[str, str] = {}
+        self._gateway = settings.distribution.mode == "gateway"
+        self._distributor = distributor
+        self._cached: dict[str, CacheStep] = {}  # gateway mode: the cache step per model
+        self._registry_failed = False
 
     def stop(self, reason: str) -> None:
         """End the run early, as the window's close does: no new pull starts, running ones
@@ -143,6 +150,12 @@ class SyncEngine:
             await self._save_state(started, "running")
             try:
                 pulls = [o for o in outcomes if o.action == "pull"]
+                if self._gateway:
+                    self._distributor = self._distributor or Distributor(self.settings, session)
+                if self._gateway and pulls:
+                    self.progress.phase = "caching"
+                    await self._cache(pulls)
+                    pulls = [o for o in pulls if o.status is None]
                 if pulls:
                     self.progress.phase = "pulling"
                     await self._execute(pulls, {t.name: t for t in targets})
@@ -190,11 +203,40 @@ class SyncEngine:
 
     # -- pulls ---------------------------------------------------------------------------
 
+    async def _cache(self, pulls: list[Outcome]) -> None:
+        """Gateway mode's first step (:func:`cache_models`): each model's pulls fail when
+        the registry failed it, wait when it cannot be downloaded outside the window, and
+        are cut as deferred when the run stops or the window closes meanwhile."""
+        assert self._distributor is not None
+        models = list(dict.fromkeys(o.model for o in pulls))
+        run = await cache_models(
+            self._distributor, models, self._download.allowed_window, self._now(),
+            ignore_window=self.options.ignore_window, stop=self._stop,
+        )  # fmt: skip
+        self._cached = run.steps
+        for o in pulls:
+            step = run.steps.get(o.model)
+            if step is None:
+                continue
+            if step.error is not None:
+                self._registry_failed = True
+                self._finish(o, "failed", f"{o.node}: {step.error}")
+            elif step.deferred is not None:
+                o.status, o.error = "deferred", f"deferred before the pull started: {step.deferred}"
+                self.progress.update(o.node, o.model, state="done", result="deferred",
+                                     error=o.error)  # fmt: skip
+        if run.cut is not None:
+            self._stop_reason = self._stop_reason or run.cut
+            self._defer(o for o in pulls if o.status is None)
+
     async def _execute(self, pulls: list[Outcome], targets: dict[str, Target]) -> None:
         window = self._download.allowed_window
         budget: float | None = None
         closes_at = ""
-        if not self.options.ignore_window:
+        # Gateway mode: the registry downloads were the window's business; pulls from
+        # olmd's cache run over the LAN, at any time unless settings say otherwise.
+        anytime = self._gateway and self.settings.distribution.fanout_outside_window
+        if not self.options.ignore_window and not anytime:
             at = self._now()
             close = window.current_close(at)
             if close is None:
@@ -210,7 +252,10 @@ class SyncEngine:
         slots = asyncio.Semaphore(self._download.max_parallel_jobs)
         transports: dict[str, PullTransport] = {}
         for name in {targets[o.node].transport for o in pulls}:
-            transports[name] = self._make_transport(name)
+            transport = self._make_transport(name)
+            if self._gateway:
+                transport = MirroredTransport(transport, name, self.settings)
+            transports[name] = transport
         tasks = {
             asyncio.create_task(
                 self._pull(o, targets[o.node], transports[targets[o.node].transport], slots),
@@ -366,13 +411,25 @@ class SyncEngine:
         lost: dict[str, str],
     ) -> SyncResult:
         """Write the manifest (through the recorder, which may refuse: FencedOut)."""
-        manifest = build_run_manifest(
-            self.settings, self.options, result, targets, final, lost,
-            generated_at=self._now(), previous=self._record.previous_manifest(),
-        )  # fmt: skip
-        result.manifest = await self._record.save_manifest(manifest)
+        previous = self._record.previous_manifest()
         result.manifest_path = self._record.manifest_path
         result.stopped = self._stop_reason
+        changed = any(o.status == "pulled" for o in result.outcomes)
+        if self._registry_failed and previous is not None and not changed:
+            # No node changed and the registry failed us: the good manifest stays as it
+            # was; the state file and the run's result say what failed.
+            log.warning("sync.manifest_kept", reason="the registry step failed; no node changed")
+            result.manifest = previous
+            return result
+        manifest = build_run_manifest(
+            self.settings, self.options, result, targets, final, lost,
+            generated_at=self._now(), previous=previous,
+        )  # fmt: skip
+        if self._gateway and self._distributor is not None:
+            models = select_models(self.settings, self.options)
+            record = registry_record(self._distributor, models, self._cached, final, previous)
+            manifest = manifest.model_copy(update={"registry": record})
+        result.manifest = await self._record.save_manifest(manifest)
         return result
 
     async def _save_state(

@@ -34,6 +34,7 @@ __all__ = [
     "ModelEntry",
     "ModelStatus",
     "NodeEntry",
+    "RegistryModel",
     "compute_drift",
     "merge_previous",
     "normalise_digest",
@@ -43,7 +44,7 @@ __all__ = [
 
 SCHEMA_VERSION: Final = 1
 # Written only when set, so a manifest from a gateway without the cluster is unchanged.
-_OPTIONAL: Final = ("fence", "gateway")
+_OPTIONAL: Final = ("fence", "gateway", "registry")
 
 ModelStatus = Literal["present", "pulled", "skipped", "missing", "failed", "deferred"]
 
@@ -142,6 +143,20 @@ class DriftEntry(_Strict):
         return self
 
 
+class RegistryModel(_Strict):
+    """Gateway mode: a model as olmd's cache holds it, and the nodes that hold that very
+    manifest (the registry's digest)."""
+
+    digest: str
+    size: int = Field(ge=0)
+    nodes: list[str] = Field(default_factory=list)
+
+    @field_validator("digest")
+    @classmethod
+    def _digest_form(cls, value: str) -> str:
+        return _check_digest(value, None)
+
+
 class Manifest(_Strict):
     """The whole manifest file. ``options`` records what the run was asked to do
     (``skip_existing``, ``no_download``, ``dry_run``, ``models``, ``host``,
@@ -158,6 +173,9 @@ class Manifest(_Strict):
     (a run holding an older one never replaces it). Left out of the file when unset."""
     gateway: str | None = None
     """With the cluster on: the gateway whose run wrote it. Left out when unset."""
+    registry: dict[str, RegistryModel] | None = None
+    """Gateway mode: model → the registry's digest and size, as cached, and the nodes
+    holding it. Left out when unset (direct mode)."""
 
     @model_validator(mode="after")
     def _unique_nodes(self) -> Manifest:

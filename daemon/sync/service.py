@@ -29,6 +29,8 @@ from typing import Any
 from aiohttp import web
 
 from daemon.cluster.client import CLUSTER, Cluster
+from daemon.distribution.component import DISTRIBUTION
+from daemon.distribution.mirror import Distributor, cache_status
 from daemon.logs import get_logger
 from daemon.metrics import SyncMetrics
 from daemon.runtime import RUNTIME
@@ -80,6 +82,7 @@ async def run_sync(
     backoff: Backoff | None = None,
     on_engine: Callable[[SyncEngine], None] | None = None,
     cluster: Cluster | None = None,
+    distributor: Distributor | None = None,
 ) -> SyncResult:
     """One sync run, under the lock (a dry run takes none: it changes nothing); with
     ``cluster``, under the fleet-wide sync lease as well.
@@ -97,7 +100,7 @@ async def run_sync(
     claim = None if options.dry_run else await take_claim(settings, cluster)
     engine = SyncEngine(
         settings, options, now=now, clock=clock, progress=progress, metrics=metrics,
-        transports=transports, backoff=backoff, recorder=claim,
+        transports=transports, backoff=backoff, recorder=claim, distributor=distributor,
     )  # fmt: skip
     if on_engine is not None:
         on_engine(engine)
@@ -137,9 +140,11 @@ class SyncService:
         transports: TransportFactory | None = None,
         backoff: Backoff | None = None,
         cluster: Cluster | None = None,
+        distributor: Distributor | None = None,
     ) -> None:
         self.settings = settings
         self._metrics = metrics
+        self.distributor = distributor
         self._now, self._clock = now, clock
         self._transports, self._backoff = transports, backoff
         self._cluster = cluster
@@ -235,6 +240,7 @@ class SyncService:
         engine = SyncEngine(
             self.settings, options, now=self._now, clock=self._clock, metrics=self._metrics,
             transports=self._transports, backoff=self._backoff, recorder=claim,
+            distributor=self.distributor,
         )  # fmt: skip
         if claim is not None:
             self._fence = claim.fence or self._fence
@@ -298,12 +304,21 @@ class SyncService:
             "manifest": self._manifest.read(self.settings.jobs.ollama_sync.manifest_path),
             "refused": self._refusal,
             "blocked": None,
+            "cache": self._cache_status(),
         }
         if self._shared is None or self._cluster is None:
             return status
         status = self._shared.overlay(status, here=self.running, own_fence=self._fence)
         status["blocked"] = None if self._cluster.connected else _BLOCKED
         return status
+
+    def _cache_status(self) -> dict[str, Any] | None:
+        """Gateway mode: olmd's blob cache (its models, size, downloads under way)."""
+        if self.settings.distribution.mode != "gateway":
+            return None
+        if self.distributor is not None:
+            return self.distributor.status()
+        return cache_status(self.settings)
 
     async def reload(self, settings: Settings) -> None:
         """Use ``settings`` from the next run on."""
@@ -354,7 +369,9 @@ async def sync_component(app: web.Application) -> AsyncIterator[None]:
         metrics = SyncMetrics(runtime.metrics.registry)
         if cluster is not None:  # read at every scrape
             metrics.blocked.set_function(lambda: 0.0 if cluster.connected else 1.0)
-        app[SYNC] = SyncService(runtime.settings, metrics, cluster=cluster)
+        app[SYNC] = SyncService(
+            runtime.settings, metrics, cluster=cluster, distributor=app.get(DISTRIBUTION)
+        )
     service = app[SYNC]
     scheduler = SyncScheduler(service, runtime.settings)
 

@@ -32,12 +32,18 @@ class HttpPullTransport:
 
     async def pull(self, target: PullTarget, model: str, progress: PullProgress) -> None:
         """One attempt at pulling ``model`` onto ``target``."""
+        await self.pull_from(target, model, progress, insecure=False)
+
+    async def pull_from(
+        self, target: PullTarget, model: str, progress: PullProgress, *, insecure: bool
+    ) -> None:
+        """One attempt; ``insecure`` lets the node fetch over plain HTTP (olmd's endpoint)."""
         name = ModelRef.parse(model).name  # before anything is sent
-        timeout = aiohttp.ClientTimeout(
-            total=None, connect=target.connect_timeout, sock_connect=target.connect_timeout
-        )
+        timeout = _timeout(target)
         # Both keys: "model" is current, "name" is what Ollama before 0.1.x read.
-        body = {"model": name, "name": name, "stream": True}
+        body: dict[str, object] = {"model": name, "name": name, "stream": True}
+        if insecure:
+            body["insecure"] = True
         try:
             async with self._client().post(
                 f"{target.url}/api/pull", json=body, timeout=timeout
@@ -55,6 +61,38 @@ class HttpPullTransport:
             reason = str(exc) or type(exc).__name__
             raise PullError(f"{target.name}: connection lost during the pull: {reason}") from exc
 
+    async def copy(self, target: PullTarget, source: str, destination: str) -> None:
+        body = {
+            "source": ModelRef.parse(source).name,
+            "destination": ModelRef.parse(destination).name,
+        }
+        await self._call(target, "POST", "/api/copy", body, missing_ok=False)
+
+    async def delete(self, target: PullTarget, model: str) -> None:
+        body = {"model": ModelRef.parse(model).name}
+        await self._call(target, "DELETE", "/api/delete", body, missing_ok=True)
+
+    async def _call(
+        self, target: PullTarget, method: str, path: str, body: dict[str, str], *, missing_ok: bool
+    ) -> None:
+        try:
+            async with self._client().request(
+                method, f"{target.url}{path}", json=body, timeout=_timeout(target)
+            ) as response:
+                if response.status == 404 and missing_ok:
+                    return
+                if response.status != 200:
+                    detail = await _error_text(response)
+                    raise PullError(
+                        f"{target.name}: {path} answered HTTP {response.status}: {detail}",
+                        retryable=response.status not in _FINAL_STATUSES,
+                    )
+        except aiohttp.ClientConnectorError as exc:
+            raise PullError(f"{target.name}: cannot connect to {target.url}: {exc}") from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            reason = str(exc) or type(exc).__name__
+            raise PullError(f"{target.name}: {path} failed: {reason}") from exc
+
     async def aclose(self) -> None:
         session, self._session = self._session, None
         if session is not None and self._owns_session:
@@ -64,6 +102,12 @@ class HttpPullTransport:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
         return self._session
+
+
+def _timeout(target: PullTarget) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(
+        total=None, connect=target.connect_timeout, sock_connect=target.connect_timeout
+    )
 
 
 async def _follow(

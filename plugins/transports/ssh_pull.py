@@ -41,13 +41,22 @@ _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}  # ollama
 _COMMAND_NOT_FOUND = 127
 
 
-def pull_command(model: str) -> str:
+def pull_command(model: str, *, insecure: bool = False) -> str:
     """The remote command for ``model``: validated, then quoted as one argument.
 
     Raises ``ValueError`` for a name Ollama would refuse; no command is built for it.
     """
     name = ModelRef.parse(model).name
-    return shlex.join(["ollama", "pull", name])
+    return shlex.join(["ollama", "pull", *(["--insecure"] if insecure else []), name])
+
+
+def copy_command(source: str, destination: str) -> str:
+    names = [ModelRef.parse(source).name, ModelRef.parse(destination).name]
+    return shlex.join(["ollama", "cp", *names])
+
+
+def delete_command(model: str) -> str:
+    return shlex.join(["ollama", "rm", ModelRef.parse(model).name])
 
 
 class SshPullTransport:
@@ -60,7 +69,26 @@ class SshPullTransport:
 
     async def pull(self, target: PullTarget, model: str, progress: PullProgress) -> None:
         """One attempt at pulling ``model`` onto ``target``."""
-        command = pull_command(model)  # before any connection is made
+        await self.pull_from(target, model, progress, insecure=False)
+
+    async def pull_from(
+        self, target: PullTarget, model: str, progress: PullProgress, *, insecure: bool
+    ) -> None:
+        """One attempt; ``insecure``: ``ollama pull --insecure`` (olmd's endpoint)."""
+        command = pull_command(model, insecure=insecure)  # before any connection is made
+        await self._session(target, command, progress)
+
+    async def copy(self, target: PullTarget, source: str, destination: str) -> None:
+        await self._session(target, copy_command(source, destination), _ignore)
+
+    async def delete(self, target: PullTarget, model: str) -> None:
+        try:
+            await self._session(target, delete_command(model), _ignore)
+        except PullError as exc:
+            if "not found" not in str(exc):
+                raise
+
+    async def _session(self, target: PullTarget, command: str, progress: PullProgress) -> None:
         where = f"{target.name} ({target.ssh_host}:{target.ssh_port})"
         known_hosts = _known_hosts_file(target, where)
         try:
@@ -150,7 +178,12 @@ async def _run(
     if status == _COMMAND_NOT_FOUND:
         raise PullError(f"{where}: `ollama` is not on the remote PATH", retryable=False)
     detail = parser.last_error or parser.last_line or f"exit status {status}"
-    raise PullError(f"{where}: ollama pull failed: {detail}")
+    verb = " ".join(shlex.split(command)[:2])
+    raise PullError(f"{where}: {verb} failed: {detail}")
+
+
+def _ignore(status: str, completed: int, total: int) -> None:
+    """Progress of a command that reports none worth keeping (cp, rm)."""
 
 
 class _ProgressParser:
