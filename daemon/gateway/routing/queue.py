@@ -4,7 +4,10 @@ One queue per model. When a slot frees (``dispatch``), the fair-share policy
 (:mod:`daemon.tenancy.fair`) says which tenant goes next: interactive before batch,
 tenants by weight within a priority; within a tenant the oldest waiter that some node can
 now take gets the slot, on whichever node that is, so no node idles while another
-queues. Without tenants every request is one tenant's: first come, first served.
+queues. Within a tenant, the waiter whose prompt costs least to start goes first (a short
+follow-up whose history the node holds before a long first turn), with ageing: each
+second waited counts as a second less cost, so nothing starves. Without a cost-aware
+strategy every cost is nil: first come, first served.
 A waiter the cost balancer wants on one node (its conversation's cache is there) waits
 for that node only, letting the others pass, until its patience runs out; then it takes
 any node. Waiters also look again every ``_REPOLL`` seconds, for slots that
@@ -52,6 +55,10 @@ class Picker(Protocol):
 
     def release(self, route: Route) -> None: ...
 
+    def prefill_seconds(self, request: RouteRequest, prompt: Prompt) -> float:
+        """What evaluating the part of the prompt no node holds would take (0: unknown)."""
+        ...
+
 
 @dataclass(eq=False)
 class _Waiter:
@@ -60,6 +67,8 @@ class _Waiter:
     exclude: Collection[str]
     future: asyncio.Future[Route] = field(repr=False)
     share: Share = DEFAULT_SHARE
+    since: float = 0.0  # the loop's clock when it began waiting
+    cost: float = 0.0  # seconds its prompt's prefill would take (see ``_turn``)
     # A cost balancer chose a node without a free slot (its cache is worth the wait):
     # only that node serves this waiter until ``prefer_until`` (the loop's clock).
     prefer: str | None = None
@@ -106,7 +115,9 @@ class FleetQueue:
             )
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Route] = loop.create_future()
-        waiter = _Waiter(request, prompt, exclude, future, share)
+        waiter = _Waiter(request, prompt, exclude, future, share, loop.time())
+        if prompt.hashes:
+            waiter.cost = self.picker.prefill_seconds(request, prompt)
         if wait is not None:
             self._prefer(waiter, wait, loop.time())
         queue = self._queue.setdefault(key, deque())
@@ -213,7 +224,7 @@ class FleetQueue:
                 by_share.setdefault(waiter.share, []).append(waiter)
         shares = self.fair.order(by_share) if len(by_share) > 1 else list(by_share)
         for share in shares:
-            for waiter in by_share[share]:
+            for waiter in sorted(by_share[share], key=lambda w: w.cost - (now - w.since)):
                 if self._try(waiter, key, queue, now, blocked):
                     self.fair.served(share)
                     return True

@@ -229,6 +229,19 @@ class Router:
         )
         return spare <= min(reserve, total - 1)
 
+    def prefill_seconds(self, request: RouteRequest, prompt: Prompt) -> float:
+        """Seconds the uncached part of ``prompt`` takes to evaluate on the holder that
+        has most of it: what a waiter's turn in the queue is ordered by."""
+        key = request.model
+        holders = [n for n in self.fleet if n.holds(key)]
+        if not holders or not prompt.hashes:
+            return 0.0
+        matched = self.index.cached(key, prompt.hashes, (n.name for n in holders))
+        best = max(matched.values(), default=0)
+        cached = prompt.tokens[best - 1] if best else 0
+        rate = min(self.rates.seconds_per_prompt_token(n.name, key) for n in holders)
+        return max(0, prompt.total_tokens - cached) * rate
+
     def _candidates(
         self, request: RouteRequest, prompt: Prompt, nodes: list[Node]
     ) -> list[Candidate[Node]]:
