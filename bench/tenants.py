@@ -34,7 +34,7 @@ import tenants_report as report
 from fleet import choose_cpus, get_json, nginx_path, olmd_settings, start_nginx
 from procs import LOOPBACK, Processes, cpu_pressure_us, cpu_seconds, free_port, wait_http
 from run import clean_env, configure_emulators, olmd_bin
-from tenants_load import Workload, run_load
+from tenants_load import BatchRequest, Workload, run_load
 from tenants_report import Peer
 
 from daemon.cli.common import run_async  # uvloop when installed, as olmd runs
@@ -259,12 +259,16 @@ def machine_facts(args: argparse.Namespace, pinning: str) -> dict[str, Any]:
     version = subprocess.run(
         [olmd_bin(), "--version"], capture_output=True, text=True, timeout=10, check=False
     ).stdout.strip()
+    commit = subprocess.run(
+        ["git", "-C", str(HERE), "describe", "--always", "--dirty"],
+        capture_output=True, text=True, timeout=10, check=False,
+    ).stdout.strip()  # fmt: skip
     w: Workload = args.workload
     return {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "machine": f"nproc {os.cpu_count()}, {model}, Linux {platform.release()}",
         "python": f"{platform.python_version()}, aiohttp {aiohttp.__version__}",
-        "olmd": version or "?",
+        "olmd": f"{version or '?'}, commit {commit or '?'}",
         "pinning": pinning,
         "nodes": f"{NODES} x `olmd emulate` with {MODEL}, warmed; restarted for every peer",
         "performance model": ", ".join(f"{k}={v}" for k, v in performance(args).items()),
@@ -310,7 +314,12 @@ def run(args: argparse.Namespace, registry: list[Processes], work: Path) -> int:
         noise += f"; CPU pressure (PSI 'some') {(after - pressure_before) / 1e6 / elapsed:.0%}"
     meta["run"] = f"{elapsed:.0f} s in all; {noise}" + (" (--quick)" if args.quick else "")
 
-    summaries = {name: report.summarize(peer, w) for name, peer in peers.items()}
+    def batch_service(request: BatchRequest) -> float:
+        """Seconds a batch request holds its slot, by the emulators' performance model."""
+        prompt = (request.prompt_chars + len("user\n\n")) / 4 / args.prompt_rate
+        return float(prompt + args.tokens * args.token_delay)
+
+    summaries = {name: report.summarize(peer, w, batch_service) for name, peer in peers.items()}
     rows = report.table_rows(summaries)
     targets = report.evaluate(summaries)
     notes = report.observations(summaries)

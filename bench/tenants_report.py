@@ -44,7 +44,41 @@ def phase(turn: Turn, w: Workload) -> str:
     return "alone" if turn.sent_s < w.alone else "flood"
 
 
-def summarize(peer: Peer, w: Workload) -> dict[str, Any]:
+def batch_running(
+    load: Load, span: tuple[float, float], batch_service: Callable[[BatchRequest], float]
+) -> dict[str, float | None]:
+    """Batch requests holding a slot, on average over ``span``: while no chat turn streams,
+    and while one does. Estimated: a batch request holds its slot for the last
+    ``batch_service(request)`` seconds before its answer (the emulators' performance
+    model), a chat turn from its first token to its end."""
+    events: list[tuple[float, int, int]] = []  # (time, batch change, chat change)
+    for b in load.batch:
+        if b.ok:
+            events += [(b.done_s - batch_service(b), 1, 0), (b.done_s, -1, 0)]
+    for t in load.chats:
+        if t.ok and t.ttft_ms is not None:
+            events += [(t.sent_s + t.ttft_ms / 1000, 0, 1), (t.sent_s + t.total_ms / 1000, 0, -1)]
+    events.append((span[1], 0, 0))  # closes the last stretch
+    time_in = {False: 0.0, True: 0.0}  # a chat turn streaming → seconds
+    weighted = {False: 0.0, True: 0.0}  # a chat turn streaming → batch-seconds
+    batch = chats = 0
+    last = span[0]
+    for at, db, dc in sorted(events):
+        start, end = max(last, span[0]), min(at, span[1])
+        if end > start:
+            time_in[chats > 0] += end - start
+            weighted[chats > 0] += batch * (end - start)
+        last, batch, chats = at, batch + db, chats + dc
+    return {
+        "no_chat": weighted[False] / time_in[False] if time_in[False] else None,
+        "chat": weighted[True] / time_in[True] if time_in[True] else None,
+        "chat_share": time_in[True] / max(span[1] - span[0], 1e-9),
+    }
+
+
+def summarize(
+    peer: Peer, w: Workload, batch_service: Callable[[BatchRequest], float]
+) -> dict[str, Any]:
     """One peer's numbers: chat TTFT per phase, batch throughput, errors, placement."""
     if peer.skipped:
         return {"skipped": peer.skipped}
@@ -82,6 +116,7 @@ def summarize(peer: Peer, w: Workload) -> dict[str, Any]:
         "proxy_cpu_ms_per_request": (
             None if peer.proxy_cpu_s is None else peer.proxy_cpu_s * 1000 / max(requests, 1)
         ),
+        "batch_running": batch_running(peer.load, (start, stop), batch_service),
         "requests_per_node": {n: dict(c) for n, c in sorted(per_node.items())},
         "chat_route_reasons": dict(sorted(routes.items())),
         "nodes": peer.nodes,
@@ -231,6 +266,13 @@ def observations(summaries: dict[str, dict[str, Any]]) -> list[str]:
         out.append(
             f"- **{LABELS[name]}**: requests per node: {served}. Slots used at most: {slots}."
         )
+        running = s["batch_running"]
+        if running["no_chat"] is not None and running["chat"] is not None:
+            out.append(
+                f"  - batch requests in slots after the warm-up (estimated): "
+                f"{running['no_chat']:.2f} on average while no chat turn streams, "
+                f"{running['chat']:.2f} while one does ({running['chat_share']:.0%} of the time)"
+            )
         if s["chat_route_reasons"]:
             reasons = ", ".join(f"{k} x{v}" for k, v in s["chat_route_reasons"].items())
             out.append(f"  - X-Olmd-Route of the chat turns: {reasons}")

@@ -49,9 +49,6 @@ class Bucket:
         """From the last refill, until ``amount`` is there (capped at a full bucket)."""
         return max(0.0, (min(amount, self.capacity) - self.level) / self.per_second)
 
-    def reset_seconds(self) -> float:
-        return max(0.0, (self.capacity - self.level) / self.per_second)
-
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
