@@ -10,7 +10,6 @@ a timestamp; only the final chunk is parsed, for token metrics.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +19,15 @@ import aiohttp
 from aiohttp import web
 
 from daemon.domain import FailureKind, classify_status
+from daemon.gateway.body import BadBody, Body, read_body
+from daemon.gateway.dialects import (
+    Dialect,
+    cut_line,
+    error_for,
+    final_error,
+    model_not_found,
+    rate_limited,
+)
 from daemon.gateway.fleet import Fleet, Node, model_key
 from daemon.gateway.routing.prompts import Prompt, route_facts
 from daemon.gateway.routing.rates import Sample
@@ -29,11 +37,8 @@ from daemon.gateway.wire import (
     ERROR_BODY_LIMIT,
     TENANT,
     error_message,
-    final_error,
     forward_headers,
     json_error,
-    openai_error,
-    rate_limited,
     response_headers,
     timings_from_tail,
     usage_from_tail,
@@ -51,16 +56,19 @@ log = get_logger("olmd.proxy")
 # Recorded for a client that left before its answer ended (nginx's convention).
 CLIENT_GONE = 499
 COLD_LOAD_NS = 100_000_000  # a load_duration this long was a model load, not bookkeeping
+_NO_CONTENT_TYPE = ("Content-Type",)
 
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """A proxied route: the client's path, the node's path, and its error dialect."""
+    """A proxied route: the client's path, the node's path, and its dialect."""
 
     path: str
     upstream: str
-    openai: bool = False
-    streams: bool = False  # answers stream unless the body says otherwise
+    dialect: Dialect = "ollama"
+    streams: bool = False  # the route can stream (Ollama's by default, the others if asked)
+    form: bool = False  # a multipart form, its model a form field
+    events: bool = False  # an SSE stream that names its events (``event:`` lines)
 
 
 class _Retry(Exception):
@@ -119,29 +127,24 @@ class Proxy:
 
     async def forward(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         started = time.monotonic()
-        error = openai_error if endpoint.openai else json_error
-        body = await request.read()
+        dialect = endpoint.dialect
+        error = error_for(dialect)
         try:
-            payload = json.loads(body)
-        except ValueError:
-            return error(400, "invalid JSON in the request body")
-        if not isinstance(payload, dict):
-            return error(400, "the request body must be a JSON object")
-        name = payload.get("model") or payload.get("name")
-        if not isinstance(name, str) or not name:
-            return error(400, "model is required")
-        try:
-            key = model_key(name)
-        except ValueError as exc:
+            body = await read_body(request, form=endpoint.form)
+            key = model_key(body.name)
+        except (BadBody, ValueError) as exc:
             return error(400, str(exc))
+        payload = body.payload
         upstream = endpoint.upstream
         if upstream == "embeddings":  # the wrapper route takes either body form
             upstream = "/api/embed" if "input" in payload else "/api/embeddings"
-        if endpoint.streams:
-            default = not endpoint.openai  # Ollama streams by default, OpenAI does not
-            streaming = payload.get("stream", default) is not False
-        else:
+        # Ollama's routes stream unless told not to; OpenAI's and Anthropic's only if asked.
+        if not endpoint.streams:
             streaming = False
+        elif dialect == "ollama":
+            streaming = payload.get("stream", True) is not False
+        else:
+            streaming = payload.get("stream") is True
         # A non-streamed answer arrives whole after the generation: its first byte may
         # legitimately come long after a streamed one's would.
         wait = self.routing.first_byte_timeout
@@ -149,7 +152,7 @@ class Proxy:
             wait = max(wait, self.routing.non_streaming_timeout)
         headers = forward_headers(request)
         route_request, prompt = route_facts(
-            request, endpoint.openai, upstream, payload, key, with_prompt=self.router.cost_aware
+            request, dialect == "openai", upstream, payload, key, with_prompt=self.router.cost_aware
         )
         tenancy = self.tenancy
         if tenancy is None:
@@ -160,14 +163,12 @@ class Proxy:
         if not tenancy.allows(tenant, key):
             # As a model no node has: the tenant learns nothing of what others may use.
             tenancy.refused(tenant, key)
-            if endpoint.openai:
-                return error(404, f"The model '{name}' does not exist")
-            return error(404, f'model "{name}" not found, try pulling it first')
-        estimate = route_request.prompt_tokens or len(body) // 4
+            return model_not_found(dialect, body.name)
+        estimate = route_request.prompt_tokens or (0 if body.is_form else len(body.raw) // 4)
         admitted = await tenancy.admit(tenant, key, estimate)
         if isinstance(admitted, Refusal):
             self.metrics.rejected.labels(endpoint.path, "429").inc()
-            return rate_limited(admitted, endpoint.openai, tenancy.headers(tenant))
+            return rate_limited(admitted, dialect, tenancy.headers(tenant))
         status = CLIENT_GONE
         try:
             response = await self._route(
@@ -194,7 +195,7 @@ class Proxy:
         request: web.Request,
         endpoint: Endpoint,
         upstream: str,
-        body: bytes,
+        body: Body,
         headers: Mapping[str, str],
         route_request: RouteRequest,
         prompt: Prompt,
@@ -203,7 +204,7 @@ class Proxy:
         ticket: Ticket | None = None,
     ) -> web.StreamResponse:
         """Route and forward, failing over before the first byte; the answer."""
-        error = openai_error if endpoint.openai else json_error
+        error = error_for(endpoint.dialect)
         key = route_request.model
         share = ticket.share if ticket is not None else DEFAULT_SHARE
         tried: list[str] = []
@@ -224,10 +225,12 @@ class Proxy:
                         self._count(node, key, endpoint, last.status)
                         return last  # every node holding the model was tried
                     self.metrics.rejected.labels(endpoint.path, str(exc.status)).inc()
+                    if exc.status == 404:  # no node holds it: as Ollama says so
+                        return model_not_found(endpoint.dialect, body.name)
                     extra = {"Retry-After": str(int(exc.retry_after))} if exc.retry_after else {}
                     if exc.status == 429 and ticket is not None:  # the tenant's queue_limit
                         refusal = Refusal("queue", exc.message, exc.retry_after or 1)
-                        return rate_limited(refusal, endpoint.openai, ticket.headers)
+                        return rate_limited(refusal, endpoint.dialect, ticket.headers)
                     return error(exc.status, exc.message, **extra)
                 node = route.node
                 tried.append(node.name)
@@ -297,7 +300,8 @@ class Proxy:
                 return json_error(502, f"node {node.name}: {detail}", **{"X-Olmd-Node": node.name})
             # Headers and part of the body are out: end it the way a cut stream ends (if the
             # client left, final_error finds nobody to tell, and that is fine).
-            await final_error(response, False, f"node {node.name}: {detail}")
+            line = cut_line("ollama", False, False, f"node {node.name}: {detail}")
+            await final_error(response, line)
             return response
 
     async def _attempt(
@@ -306,22 +310,31 @@ class Proxy:
         route: Route,
         endpoint: Endpoint,
         upstream_path: str,
-        body: bytes,
+        body: Body,
         headers: Mapping[str, str],
         started: float,
         wait: float,
     ) -> web.StreamResponse:
         node, key = route.node, route.key
-        error = openai_error if endpoint.openai else json_error
+        error = error_for(endpoint.dialect)
         node_header = {"X-Olmd-Node": node.name, "X-Olmd-Route": route.reason}
+        listed = node.listed(key)
+        # No Content-Type from the client, none to the node (aiohttp would add its own).
+        skip = () if "Content-Type" in headers else _NO_CONTENT_TYPE
         try:
             async with asyncio.timeout(wait):
                 upstream = await self.session.post(
-                    node.url + upstream_path, data=body, headers=headers, timeout=self.timeout
+                    node.url + upstream_path,
+                    data=body.for_node(listed),
+                    headers=headers,
+                    timeout=self.timeout,
+                    skip_auto_headers=skip,
                 )
                 try:
                     if upstream.status >= 400:
-                        await self._refused(node, upstream, key, error, node_header)
+                        # The node was sent its own spelling: its 404 is about that model.
+                        exact = listed is not None
+                        await self._refused(node, upstream, key, exact, error, node_header)
                     first = await upstream.content.readany()
                 except BaseException:
                     upstream.close()
@@ -379,13 +392,16 @@ class Proxy:
         node: Node,
         upstream: aiohttp.ClientResponse,
         key: str,
+        exact: bool,
         error: Any,
         node_header: dict[str, str],
     ) -> None:
         """Decide about an error status before anything reached the client.
 
         Raises _Retry when another node should be tried, _Final when the answer (a 400, or
-        a 404 that is not about the model) is the client's to see.
+        a 404 that is not about the model) is the client's to see. A "not found" for the
+        model as the node lists it (``exact``) marks it missing there until the next
+        probe; for another spelling it says nothing about the listed model.
         """
         status = upstream.status
         text = (await upstream.content.read(ERROR_BODY_LIMIT)).decode("utf-8", "replace")
@@ -393,7 +409,8 @@ class Proxy:
         reply = error(status, message, **node_header)
         kind = classify_status(status)
         if status == 404 and "not found" in message:
-            self.fleet.model_missing(node, key)
+            if exact:
+                self.fleet.model_missing(node, key)
             raise _Retry("model_missing", reply)
         if kind is None:
             raise _Final(reply)
@@ -465,7 +482,8 @@ class Proxy:
             else:  # total_timeout: the answer took too long, the node did nothing wrong
                 detail = "total timeout"
             self._child(self.metrics.stream_errors, node.name).inc()
-            await final_error(response, sse, f"node {node.name}: {detail}")
+            line = cut_line(endpoint.dialect, sse, endpoint.events, f"node {node.name}: {detail}")
+            await final_error(response, line)
             status = 599  # recorded as a failed stream in metrics
         except asyncio.CancelledError:
             self._count(node, key, endpoint, CLIENT_GONE)
