@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -21,27 +20,22 @@ from aiohttp import web
 from daemon.domain import FailureKind, classify_status
 from daemon.gateway.body import BadBody, Body, read_body
 from daemon.gateway.dialects import (
-    Dialect,
-    cut_line,
     error_for,
-    final_error,
     model_not_found,
     rate_limited,
 )
+from daemon.gateway.endpoint import Endpoint
 from daemon.gateway.fleet import Fleet, Node, model_key
+from daemon.gateway.outcome import Outcomes
+from daemon.gateway.relay import CLIENT_GONE, Relay
 from daemon.gateway.routing.prompts import Prompt, route_facts
-from daemon.gateway.routing.rates import Sample
 from daemon.gateway.routing.router import NoNode, Route, Router
-from daemon.gateway.stream_guard import StreamGuard
 from daemon.gateway.wire import (
     ERROR_BODY_LIMIT,
     TENANT,
     error_message,
     forward_headers,
-    json_error,
     response_headers,
-    timings_from_tail,
-    usage_from_tail,
 )
 from daemon.logs import get_logger
 from daemon.metrics import Metrics
@@ -53,22 +47,7 @@ from daemon.tenancy.tenancy import Tenancy, Ticket
 
 log = get_logger("olmd.proxy")
 
-# Recorded for a client that left before its answer ended (nginx's convention).
-CLIENT_GONE = 499
-COLD_LOAD_NS = 100_000_000  # a load_duration this long was a model load, not bookkeeping
 _NO_CONTENT_TYPE = ("Content-Type",)
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """A proxied route: the client's path, the node's path, and its dialect."""
-
-    path: str
-    upstream: str
-    dialect: Dialect = "ollama"
-    streams: bool = False  # the route can stream (Ollama's by default, the others if asked)
-    form: bool = False  # a multipart form, its model a form field
-    events: bool = False  # an SSE stream that names its events (``event:`` lines)
 
 
 class _Retry(Exception):
@@ -100,7 +79,8 @@ class Proxy:
         self.active = 0
         self.retrying = 0
         self.tenancy: Tenancy | None = None  # set while tenants, keys or a header are on
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self.outcomes = Outcomes(metrics, router)
+        self.relay = Relay(fleet, self.outcomes)
         self.configure(routing)
 
     def configure(self, routing: RoutingSettings) -> None:
@@ -110,14 +90,7 @@ class Proxy:
         )
 
     def _child(self, metric: Any, *labels: str) -> Any:
-        """``metric.labels(*labels)``, remembered: labels() validates and locks each call."""
-        key = (id(metric), labels)
-        child = self._children.get(key)
-        if child is None:
-            if len(self._children) > 50_000:  # label sets are bounded; this is a backstop
-                self._children.clear()
-            child = self._children[key] = metric.labels(*labels)
-        return child
+        return self.outcomes.child(metric, *labels)
 
     def _retry_allowed(self) -> bool:
         # Envoy-style retry budget: retries in flight stay under a share of requests in
@@ -273,37 +246,6 @@ class Proxy:
         finally:
             self.active -= 1
 
-    async def pass_through(self, request: web.Request, node: Node) -> web.StreamResponse:
-        """Forward a request as it is (method, path, query, streamed body) to one node."""
-        response: web.StreamResponse | None = None
-        try:
-            async with self.session.request(
-                request.method,
-                node.url + request.path_qs,
-                data=request.content if request.body_exists else None,
-                headers=forward_headers(request),
-                timeout=self.timeout,
-            ) as upstream:
-                response = web.StreamResponse(
-                    status=upstream.status,
-                    reason=upstream.reason,
-                    headers=response_headers(upstream, node.name),
-                )
-                await response.prepare(request)
-                async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
-                await response.write_eof()
-                return response
-        except (aiohttp.ClientError, TimeoutError, ConnectionResetError) as exc:
-            detail = node.redact(str(exc) or type(exc).__name__)
-            if response is None or not response.prepared:
-                return json_error(502, f"node {node.name}: {detail}", **{"X-Olmd-Node": node.name})
-            # Headers and part of the body are out: end it the way a cut stream ends (if the
-            # client left, final_error finds nobody to tell, and that is fine).
-            line = cut_line("ollama", False, False, f"node {node.name}: {detail}")
-            await final_error(response, line)
-            return response
-
     async def _attempt(
         self,
         request: web.Request,
@@ -385,7 +327,7 @@ class Proxy:
             return web.Response(
                 body=first, status=upstream.status, reason=upstream.reason, headers=headers
             )
-        return await self._relay(request, route, endpoint, upstream, first, started)
+        return await self.relay(request, route, endpoint, upstream, first, started, self.routing)
 
     async def _refused(
         self,
@@ -417,93 +359,8 @@ class Proxy:
         self._failed(node, kind, f"HTTP {status}: {message}")
         raise _Retry("busy" if kind is FailureKind.BUSY503 else "http5xx", reply)
 
-    async def _relay(
-        self,
-        request: web.Request,
-        route: Route,
-        endpoint: Endpoint,
-        upstream: aiohttp.ClientResponse,
-        first: bytes,
-        started: float,
-    ) -> web.StreamResponse:
-        node, key = route.node, route.key
-        response = web.StreamResponse(
-            status=upstream.status,
-            reason=upstream.reason,
-            headers=response_headers(upstream, node.name, route.reason),
-        )
-        if route.ticket is not None and route.ticket.headers:
-            response.headers.update(route.ticket.headers)
-        if upstream.content_length is not None:
-            response.content_length = upstream.content_length
-        sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
-        loop = asyncio.get_running_loop()
-        status = upstream.status
-        prev, tail = b"", first
-        guard: StreamGuard | None = None
-        try:
-            await response.prepare(request)
-            if first:
-                await response.write(first)
-            async with asyncio.timeout(None) as deadline:
-                routing = self.routing
-                guard = StreamGuard(loop, deadline, routing.idle_timeout, routing.write_timeout)
-                try:
-                    async for chunk in upstream.content.iter_any():
-                        prev, tail = tail, chunk
-                        guard.writing = loop.time()  # a slow client is not an idle node
-                        await response.write(chunk)
-                        guard.writing = None
-                        guard.last = loop.time()
-                finally:
-                    guard.cancel()
-            self.fleet.request_ok(node, time.monotonic())
-            await response.write_eof()
-        except ConnectionResetError:
-            # Raised by our writes (aiohttp's ClientConnectionResetError): the client left.
-            self._count(node, key, endpoint, CLIENT_GONE)
-            return self._client_gone(node, upstream, response)
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            if guard is not None and guard.stuck:
-                # The client stopped reading (its window full) and did not close: cut it,
-                # and the node's request with it, so it holds no GPU slot.
-                self._count(node, key, endpoint, CLIENT_GONE)
-                self._client_gone(node, upstream, response)
-                if request.transport is not None:
-                    request.transport.abort()
-                return response
-            upstream.close()
-            if not isinstance(exc, TimeoutError):
-                detail = "stream cut"
-                self._failed(node, FailureKind.CONNECT, detail)
-            elif guard is not None and guard.idle:
-                detail = "idle timeout"
-                self._failed(node, FailureKind.TIMEOUT, detail)
-            else:  # total_timeout: the answer took too long, the node did nothing wrong
-                detail = "total timeout"
-            self._child(self.metrics.stream_errors, node.name).inc()
-            line = cut_line(endpoint.dialect, sse, endpoint.events, f"node {node.name}: {detail}")
-            await final_error(response, line)
-            status = 599  # recorded as a failed stream in metrics
-        except asyncio.CancelledError:
-            self._count(node, key, endpoint, CLIENT_GONE)
-            self._client_gone(node, upstream, response)
-            raise
-        finally:
-            upstream.release()
-        self._observe(route, endpoint, status, started, prev + tail)
-        return response
-
-    def _client_gone(
-        self, node: Node, upstream: aiohttp.ClientResponse, response: web.StreamResponse
-    ) -> web.StreamResponse:
-        # Closing the node's connection is what stops the GPU generating.
-        upstream.close()
-        self._child(self.metrics.upstream_cancelled, node.name).inc()
-        return response
-
     def _count(self, node: Node, key: str, endpoint: Endpoint, status: int) -> None:
-        self._child(self.metrics.requests, node.name, key, endpoint.path, str(status)).inc()
+        self.outcomes.count(node, key, endpoint.path, status)
 
     def _failed(self, node: Node, kind: FailureKind, detail: str) -> None:
         self.fleet.request_failed(node, time.monotonic(), kind, detail)
@@ -511,43 +368,7 @@ class Proxy:
     def _observe(
         self, route: Route, endpoint: Endpoint, status: int, started: float, tail: bytes
     ) -> None:
-        metrics, child = self.metrics, self._child
-        node, key = route.node, route.key
-        self._count(node, key, endpoint, status)
-        child(metrics.latency, endpoint.path).observe(time.monotonic() - started)
-        sample = timings_from_tail(tail)
-        if status < 300:
-            self.router.complete(route, sample)
-            if sample is not None and sample.load_ns >= COLD_LOAD_NS:
-                child(metrics.cold_loads, node.name, key).inc()
-            if route.cached_tokens:
-                child(metrics.cached_prompt_tokens, node.name, key).inc(route.cached_tokens)
-        if sample is not None:  # Ollama's final chunk
-            prompt, generated, eval_ns = sample.prompt_count, sample.eval_count, sample.eval_ns
-        else:  # the OpenAI-compatible routes' usage, if any
-            usage = usage_from_tail(tail)
-            if usage is None:
-                self._settle(route, None, None)
-                return
-            prompt, generated, eval_ns = usage
-        self._settle(route, (prompt, generated), sample)
-        child(metrics.tokens, node.name, key, "in").inc(prompt)
-        child(metrics.tokens, node.name, key, "out").inc(generated)
-        if eval_ns > 0 and generated > 0:
-            child(metrics.tokens_per_second, key).observe(generated / (eval_ns / 1e9))
-
-    @staticmethod
-    def _settle(route: Route, counts: tuple[int, int] | None, sample: Sample | None) -> None:
-        """What the answer used, on the tenant's ticket (counted when the request ends)."""
-        ticket = route.ticket
-        if ticket is None:
-            return
-        ticket.node, ticket.route = route.node.name, route.reason
-        ticket.cached_tokens = route.cached_tokens
-        if counts is not None:
-            ticket.prompt_tokens, ticket.completion_tokens = counts
-        if sample is not None:
-            ticket.gpu_seconds = sample.total_ns / 1e9
+        self.outcomes.observe(route, endpoint.path, status, started, tail)
 
 
 class _Final(Exception):

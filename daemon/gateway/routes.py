@@ -7,14 +7,14 @@ from typing import Any
 
 from aiohttp import web
 
-from daemon.gateway import admin, catalog, ui
+from daemon.gateway import admin, catalog, management, ui
 from daemon.gateway.component import GATEWAY
 from daemon.gateway.dialects import dialect_of, error_for, model_not_found
+from daemon.gateway.endpoint import Endpoint
 from daemon.gateway.fleet import model_key
-from daemon.gateway.guard import as_dialect, is_admin
-from daemon.gateway.proxy import Endpoint
+from daemon.gateway.guard import as_dialect
 from daemon.gateway.tenants import TENANCY
-from daemon.gateway.wire import ANONYMOUS, TENANT, json_error
+from daemon.gateway.wire import ANONYMOUS, TENANT
 from daemon.runtime import RUNTIME
 from daemon.settings import DEFAULT_TENANT
 
@@ -117,19 +117,6 @@ async def _v1_fallback(request: web.Request) -> web.StreamResponse:
     return error(404, f"no route {request.path}")
 
 
-async def _management(request: web.Request) -> web.StreamResponse:
-    # The guard let only the admin token through. The target node is named explicitly:
-    # model management is the sync engine's job, this is the operator's escape hatch.
-    if not is_admin(request):  # defence in depth; the guard refuses first
-        return json_error(403, "this route needs the admin token")
-    gateway = request.app[GATEWAY]
-    name = request.headers.get("X-Olmd-Node", "")
-    node = gateway.fleet.get(name)
-    if node is None:
-        return json_error(400, "name the target node in the X-Olmd-Node header")
-    return await gateway.proxy.pass_through(request, node)
-
-
 def add_routes(app: web.Application) -> None:
     router = app.router
     router.add_get("/", catalog.root)  # GET also answers HEAD
@@ -144,8 +131,8 @@ def add_routes(app: web.Application) -> None:
     router.add_route("*", "/v1", _v1_fallback)
     router.add_route("*", "/v1/{tail:.*}", _v1_fallback)
     for path in ("/api/pull", "/api/push", "/api/create", "/api/copy"):
-        router.add_post(path, _management)
-    router.add_delete("/api/delete", _management)
-    router.add_route("*", "/api/blobs/{digest}", _management)
+        router.add_post(path, management.handler)
+    router.add_delete("/api/delete", management.handler)
+    router.add_route("*", "/api/blobs/{digest}", management.handler)
     admin.add_routes(app)
     ui.add_routes(app)
