@@ -44,6 +44,8 @@ async def pass_through(
             data=request.content if request.body_exists else None,
             headers=forward_headers(request),
             timeout=limits,
+            # No Content-Type from the client, none to the node (aiohttp would add one).
+            skip_auto_headers=() if "Content-Type" in request.headers else ("Content-Type",),
         ) as upstream:
             response = web.StreamResponse(
                 status=upstream.status,
