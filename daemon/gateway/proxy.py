@@ -1,7 +1,8 @@
 """Forwarding LLM requests to a node and streaming the answer back untouched.
 
-Per request: read the body once, take its ``model``, ask the router for a node, forward
-over the shared connection pool, copy bytes through as they arrive. Before the first byte
+Per request: read the body once, take its ``model`` (``body``), ask the router for a
+node, forward over the shared connection pool (the model in the node's own spelling),
+copy bytes through as they arrive (``relay``). Before the first byte
 reaches the client a failure moves the request to another node; after it, a cut ends the
 stream with one error line in the stream's own format. Nothing per chunk but a write and
 a timestamp; only the final chunk is parsed, for token metrics.
@@ -19,11 +20,7 @@ from aiohttp import web
 
 from daemon.domain import FailureKind, classify_status
 from daemon.gateway.body import BadBody, Body, read_body
-from daemon.gateway.dialects import (
-    error_for,
-    model_not_found,
-    rate_limited,
-)
+from daemon.gateway.dialects import error_for, model_not_found, rate_limited
 from daemon.gateway.endpoint import Endpoint
 from daemon.gateway.fleet import Fleet, Node, model_key
 from daemon.gateway.outcome import Outcomes

@@ -145,7 +145,7 @@ async def test_bodies_reach_the_node_byte_for_byte() -> None:
     )
     try:
         async with running_olmd(data) as server, aiohttp.ClientSession() as http:
-            await _wait_for_probe(server)
+            _assert_probed(server)
             async with http.post(server.make_url("/api/chat"), data=body) as response:
                 assert response.status == 200
     finally:
@@ -153,7 +153,7 @@ async def test_bodies_reach_the_node_byte_for_byte() -> None:
     assert seen == [body]
 
 
-async def _wait_for_probe(server: Any) -> None:
+def _assert_probed(server: Any) -> None:
     fleet = server.app[GATEWAY].fleet
     node = next(iter(fleet))
     assert node.models, "the first probe round ran before the app started"
