@@ -2,10 +2,10 @@
 
 Per request: read the body once, take its ``model`` (``body``), ask the router for a
 node, forward over the shared connection pool (the model in the node's own spelling),
-copy bytes through as they arrive (``relay``). Before the first byte
-reaches the client a failure moves the request to another node; after it, a cut ends the
-stream with one error line in the stream's own format. Nothing per chunk but a write and
-a timestamp; only the final chunk is parsed, for token metrics.
+copy bytes through as they arrive (``relay``). Before the first byte reaches the client
+a failure moves the request to another node; after it, a cut ends the stream with one
+error line in the stream's own format. Nothing per chunk but a write and a timestamp;
+only the final chunk is parsed, for token metrics (``outcome``).
 """
 
 from __future__ import annotations
