@@ -22,6 +22,9 @@ GENERATING_ROUTES = (
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/embeddings",
+    "/v1/messages",
+    "/v1/responses",
+    "/v1/audio/transcriptions",
 )
 FAULT_ROUTES = (*GENERATING_ROUTES, "/api/pull")
 

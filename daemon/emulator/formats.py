@@ -33,7 +33,10 @@ ERR_PULL_EOF = "max retries exceeded: unexpected EOF"
 KEEP_ALIVE_DEFAULT = 300.0
 KEEP_ALIVE_FOREVER = 10 * 365 * 24 * 3600.0  # keep_alive < 0: Ollama shows a far expiry
 
-JobKind = Literal["generate", "chat", "v1chat", "v1completion"]
+# The last three are chat requests in other APIs' clothes (``daemon.emulator.dialects``).
+JobKind = Literal[
+    "generate", "chat", "v1chat", "v1completion", "messages", "responses", "transcription"
+]
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -101,10 +104,13 @@ class Job:
     rid: str = ""
     created: int = 0
     tokens: list[int] = dataclasses.field(default_factory=list)  # the prompt, tokenized
+    events: int = 0  # stream events sent so far (the APIs that number or open them)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # what a dialect echoes
 
     @property
     def openai(self) -> bool:
-        return self.kind.startswith("v1")
+        """Not Ollama's own API: SSE when streamed, JSON without a charset."""
+        return self.kind not in ("generate", "chat")
 
     @property
     def verb(self) -> str:

@@ -9,11 +9,12 @@ next turn as soon as it has read the answer finds the slot free and warm.
 
 from __future__ import annotations
 
+import json
 import time
 
 from aiohttp import web
 
-from daemon.emulator import bodies
+from daemon.emulator import bodies, dialects
 from daemon.emulator import formats as fmt
 from daemon.emulator import tokens as tok
 from daemon.emulator.formats import Job, JobKind, Reject
@@ -22,8 +23,11 @@ from daemon.emulator.state import STATE_KEY, EmulatorState, hold
 
 
 async def _generation(request: web.Request, kind: JobKind) -> web.StreamResponse:
+    return await _answer(request, dialects.parse(kind, await read_body(request)))
+
+
+async def _answer(request: web.Request, job: Job) -> web.StreamResponse:
     state = request.app[STATE_KEY]
-    job = fmt.parse_job(kind, await read_body(request))
     name = state.find(job.model)
     if name is None:
         raise Reject(404, f"model '{job.model}' not found")
@@ -67,7 +71,7 @@ async def _run(
                 elif not i:
                     first = time.perf_counter_ns()
                 if sink is not None:
-                    await sink.send(fmt.chunk(job, token))
+                    await sink.send(dialects.chunk(job, token))
             end = time.perf_counter_ns()
             text = "".join(tokens)
             holds = job.tokens + tok.reply(text)
@@ -83,8 +87,9 @@ async def _run(
             eval_ns=max(1, end - first) if count else 0,
         )
         if sink is None:
-            return await single(request, fmt.final(job, text, reason, stats), openai=job.openai)
-        await sink.send(fmt.closing(job, reason, stats, text), last=True)
+            answer = dialects.final(job, text, reason, stats)
+            return await single(request, answer, openai=job.openai)
+        await sink.send(dialects.closing(job, reason, stats, text), last=True)
         state.stats.completed += 1
         return sink.response
     finally:
@@ -120,3 +125,21 @@ async def v1_chat(request: web.Request) -> web.StreamResponse:
 
 async def v1_completions(request: web.Request) -> web.StreamResponse:
     return await _generation(request, "v1completion")
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    return await _generation(request, "messages")
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    return await _generation(request, "responses")
+
+
+async def transcriptions(request: web.Request) -> web.StreamResponse:
+    job = await dialects.parse_transcription(request)
+    answer = await _answer(request, job)
+    if job.extra.get("text") and isinstance(answer, web.Response) and answer.status == 200:
+        # response_format=text: the transcript alone, as text/plain
+        text = json.loads(answer.body if isinstance(answer.body, bytes) else b"{}")["text"]
+        return web.Response(text=text, content_type="text/plain", charset=None)
+    return answer

@@ -332,6 +332,9 @@ def add_routes(app: web.Application) -> None:
         "/v1/chat/completions": generation.v1_chat,
         "/v1/completions": generation.v1_completions,
         "/v1/embeddings": _v1_embeddings,
+        "/v1/messages": generation.messages,
+        "/v1/responses": generation.responses,
+        "/v1/audio/transcriptions": generation.transcriptions,
         "/_emulator/config": _post_config,
         "/_emulator/reset": _reset,
     }

@@ -15,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from daemon.emulator import anthropic as anthropic_api
 from daemon.emulator import formats as fmt
 from daemon.emulator.formats import Reject
 from daemon.emulator.state import STATE_KEY, ClientGone, hold
@@ -44,9 +45,18 @@ def json_response(body: Any, status: int = 200, *, openai: bool = False) -> web.
     )
 
 
-def error_response(status: int, message: str, *, openai: bool) -> web.Response:
+def error_response(
+    status: int, message: str, *, openai: bool, anthropic: bool = False
+) -> web.Response:
+    """Ollama's error body, OpenAI's, or (``/v1/messages``) Anthropic's."""
+    if anthropic:
+        return json_response(anthropic_api.error(status, message), status, openai=True)
     body = fmt.openai_error(status, message) if openai else {"error": message}
     return json_response(body, status, openai=openai)
+
+
+def _is_anthropic(request: web.BaseRequest) -> bool:
+    return request.path == "/v1/messages"
 
 
 def _abort(request: web.BaseRequest) -> None:
@@ -78,6 +88,9 @@ class Sink:
         if self._fault is not None and (self._sent >= self._after or last):
             if self._fault == "cut":
                 _abort(self._request)
+            elif _is_anthropic(self._request):
+                error = anthropic_api.error(500, self._error)
+                await self.response.write(b"event: error\ndata: " + fmt.dumps(error) + b"\n\n")
             elif self._openai:
                 await self.response.write(fmt.sse(fmt.openai_error(500, self._error)))
             else:
@@ -94,7 +107,7 @@ async def single(
     body and error_line Ollama's 500."""
     kind, _ = request.get(_FAULT, ("none", 0))
     if kind == "error_line":
-        return error_response(500, error, openai=openai)
+        return error_response(500, error, openai=openai, anthropic=_is_anthropic(request))
     response = json_response(body, openai=openai)
     if kind == "cut":
         data = fmt.dumps(body)
@@ -131,13 +144,14 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         return await handler(request)
     state.stats.requests[route] = state.stats.requests.get(route, 0) + 1
     openai = route.startswith("/v1/")
+    anthropic = route == "/v1/messages"
     request[_FAULT] = state.take_fault(route)
     fault = request[_FAULT][0]
     try:
         if fault == "http500":
-            return error_response(500, fmt.ERR_RUNNER_GONE, openai=openai)
+            return error_response(500, fmt.ERR_RUNNER_GONE, openai=openai, anthropic=anthropic)
         if fault == "http503":
-            return error_response(503, fmt.ERR_MAX_QUEUE, openai=openai)
+            return error_response(503, fmt.ERR_MAX_QUEUE, openai=openai, anthropic=anthropic)
         if fault == "refuse":
             _abort(request)
             return web.Response()  # never sent: aiohttp finds the transport closed
@@ -145,7 +159,7 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
             await hold(request, 3600.0)
         return await handler(request)
     except Reject as exc:
-        return error_response(exc.status, exc.message, openai=openai)
+        return error_response(exc.status, exc.message, openai=openai, anthropic=anthropic)
     except _Aborted as exc:
         return exc.response
     except (ClientGone, ConnectionResetError):

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from daemon.gateway import guard, routes
 from daemon.gateway.component import GATEWAY, gateway_component
-from daemon.gateway.wire import json_error, openai_error
+from daemon.gateway.dialects import dialect_of, error_for
 from daemon.logs import get_logger
 from daemon.metrics import CONTENT_TYPE, Metrics
 from daemon.runtime import RUNTIME, Phase, Runtime
@@ -43,8 +43,7 @@ async def front_door(
     try:
         return await handler(request)
     except web.HTTPException as exc:
-        openai = request.path.startswith("/v1/")
-        reply = guard.as_openai(exc, runtime) if openai else guard.as_json(exc, runtime)
+        reply = guard.as_dialect(exc, runtime, dialect_of(request.path))
         if reply is None:
             raise
         return reply
@@ -53,9 +52,7 @@ async def front_door(
         # own dialect, so clients read an error they understand.
         log.exception("handler_failed", path=request.path)
         message = "internal error in olmd; the log says more"
-        if request.path.startswith("/v1/"):
-            return openai_error(500, message)
-        return json_error(500, message)
+        return error_for(dialect_of(request.path))(500, message)
     except BaseException:
         if counted and runtime.phase is Phase.DRAINING:
             runtime.cancelled_on_drain += 1

@@ -20,8 +20,9 @@ from typing import Any
 from aiohttp import web
 
 from daemon import __version__
+from daemon.gateway.dialects import model_not_found
 from daemon.gateway.fleet import Fleet, Node, model_key
-from daemon.gateway.wire import json_error, openai_error
+from daemon.gateway.wire import json_error
 
 
 def answering(node: Node) -> bool:
@@ -84,7 +85,7 @@ def openai_models(fleet: Fleet) -> dict[str, Any]:
 def openai_model(fleet: Fleet, name: str) -> web.Response:
     """``GET /v1/models/{model}`` (``openai``'s ``models.retrieve``): the model as the
     list shows it, under the name asked for, or OpenAI's 404."""
-    missing = openai_error(404, f"The model '{name}' does not exist")
+    missing = model_not_found("openai", name)
     try:
         key = model_key(name)
     except ValueError:
@@ -95,14 +96,17 @@ def openai_model(fleet: Fleet, name: str) -> web.Response:
     return missing
 
 
-def version(fleet: Fleet) -> web.Response:
+def version(fleet: Fleet, *, full: bool = True) -> web.Response:
     """``version`` is the oldest answering node's, so a client's feature check holds on
-    every node that can serve it; 503 while no node answers."""
+    every node that can serve it; 503 while no node answers. ``full``: olmd's version and
+    each node's too (for a client with a key, while keys are required)."""
     nodes = {node.name: node.version for node in _live_nodes(fleet)}
     known = [v for v in nodes.values() if v]
     if not known:
         return json_error(503, "no Ollama node answers", **{"Retry-After": "5"})
     oldest = min(known, key=_version_key)
+    if not full:
+        return web.json_response({"version": oldest})
     return web.json_response({"version": oldest, "olmd": __version__, "nodes": nodes})
 
 

@@ -102,6 +102,12 @@ class Node:
     def holds(self, key: str) -> bool:
         return key in self.models and key not in self.missing
 
+    def listed(self, key: str) -> str | None:
+        """The model's name as this node spells it in ``/api/tags``, None if unlisted."""
+        entry = self.models.get(key)
+        name = None if entry is None else entry.get("name") or entry.get("model")
+        return name if isinstance(name, str) else None
+
     def has_loaded(self, key: str) -> bool:
         return key in self.loaded
 

@@ -3,8 +3,11 @@
 Routes are judged on the normalised path (percent-decoding repeated, backslashes, ``//``,
 ``.`` and ``..`` resolved, case folded), so ``//api/pull``, ``/api/./pull`` or
 ``/api%2Fpull`` are refused like ``/api/pull``. Keys are compared in constant time and
-never logged; the client's ``Authorization`` is never forwarded (see proxy.HOP_BY_HOP).
-Refusals under ``/v1`` come in OpenAI's error shape, the others in Ollama's.
+never logged; the client's ``Authorization`` (or Anthropic's ``x-api-key``, read when
+there is no ``Authorization``) is never forwarded (see ``wire.SKIP_REQUEST``). Refusals
+come in the route's dialect: Anthropic's shape on ``/v1/messages``, OpenAI's on the rest
+of ``/v1``, Ollama's elsewhere. ``GET /api/version`` answers without a key (the version
+alone): clients check it before they send one.
 
 The status page (``/ui``) takes the admin token, as a Bearer header or as the session
 cookie ``/ui/login`` sets after checking it; with no admin token set it answers clients
@@ -27,12 +30,14 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
+from daemon.gateway.dialects import Dialect, ErrorReply, dialect_of, error_for
 from daemon.gateway.tenants import TENANCY, identify
-from daemon.gateway.wire import json_error, openai_error
+from daemon.gateway.wire import ANONYMOUS, json_error
 from daemon.runtime import RUNTIME, Runtime
 
 MANAGEMENT = frozenset({"/api/pull", "/api/push", "/api/create", "/api/delete", "/api/copy"})
 OPEN = frozenset({"/", "/healthz", "/readyz", "/metrics"})
+VERSION = frozenset({"/api/version"})
 UI_LOGIN = "/ui/login"
 UI_OPEN = frozenset({UI_LOGIN, "/ui/logout"})  # they check (or drop) the token themselves
 UI_COOKIE = "olmd_ui"
@@ -58,7 +63,13 @@ def is_management(path: str) -> bool:
 
 
 def _bearer(request: web.Request) -> bytes | None:
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    """The client's key: a Bearer token, or Anthropic's ``x-api-key`` (its SDK's way)
+    when there is no ``Authorization`` header."""
+    authorization = request.headers.get("Authorization")
+    if authorization is None:
+        key = request.headers.get("x-api-key", "").strip()
+        return key.encode() if key else None
+    scheme, _, token = authorization.partition(" ")
     token = token.strip()
     return token.encode() if token and scheme.lower() == "bearer" else None
 
@@ -76,11 +87,6 @@ def _matches(token: bytes | None, secrets: tuple[bytes, ...]) -> bool:
 def is_registry(path: str) -> bool:
     """Whether this (normalised) path is one of the registry routes nodes pull from."""
     return path == "/v2" or path.startswith("/v2/")
-
-
-def is_openai(path: str) -> bool:
-    """Whether errors on this (normalised) path take OpenAI's shape."""
-    return path == "/v1" or path.startswith("/v1/")
 
 
 def is_ui(path: str) -> bool:
@@ -173,7 +179,7 @@ def check(request: web.Request, runtime: Runtime) -> web.Response | None:
         # Ollama sends no credentials when it pulls: the registry routes let only the
         # nodes' addresses and loopback in, and serve only what the cache holds.
         return None
-    error = openai_error if any(is_openai(p) for p in paths) else json_error
+    error = error_for(_dialect(paths))
     if any(is_management(p) or p == "/admin" or p.startswith("/admin/") for p in paths):
         if runtime.admin_token is None:
             if not any(is_management(p) for p in paths) and reads_allowed(request):
@@ -188,6 +194,15 @@ def check(request: web.Request, runtime: Runtime) -> web.Response | None:
         if paths <= UI_OPEN or ui_allowed(request, runtime):
             return None
         return _ui_refusal(request, runtime)
+    refusal = _keys(request, runtime, error)
+    if refusal is not None and paths <= VERSION and request.method in ("GET", "HEAD"):
+        request[ANONYMOUS] = True  # the version alone, without the node map
+        return None
+    return refusal
+
+
+def _keys(request: web.Request, runtime: Runtime, error: ErrorReply) -> web.Response | None:
+    """The refusal for a request without a valid key, while keys (or tenants) are on."""
     tenancy = request.app.get(TENANCY)
     if tenancy is not None and tenancy.enabled:
         admin = (runtime.admin_token,) if runtime.admin_token is not None else ()
@@ -201,6 +216,16 @@ def check(request: web.Request, runtime: Runtime) -> web.Response | None:
                 401, "missing or invalid API key", **{"WWW-Authenticate": 'Bearer realm="olmd"'}
             )
     return None
+
+
+def _dialect(paths: set[str]) -> Dialect:
+    """The dialect of a request read as ``paths``: Anthropic's or OpenAI's if any reading
+    is theirs."""
+    dialects = {dialect_of(p) for p in paths}
+    for dialect in ("anthropic", "openai"):
+        if dialect in dialects:
+            return dialect
+    return "ollama"
 
 
 def _http_error(exc: web.HTTPException, runtime: Runtime) -> tuple[str, dict[str, str]]:
@@ -220,9 +245,12 @@ def as_json(exc: web.HTTPException, runtime: Runtime) -> web.Response | None:
     return json_error(exc.status, message, **headers)
 
 
-def as_openai(exc: web.HTTPException, runtime: Runtime) -> web.Response | None:
-    """OpenAI's error shape for an error aiohttp raised itself, for routes under ``/v1``."""
+def as_dialect(exc: web.HTTPException, runtime: Runtime, dialect: Dialect) -> web.Response | None:
+    """The dialect's error shape for an error aiohttp raised itself (routes under ``/v1``;
+    Ollama's is :func:`as_json`)."""
+    if dialect == "ollama":
+        return as_json(exc, runtime)
     if exc.status < 400:
         return None
     message, headers = _http_error(exc, runtime)
-    return openai_error(exc.status, message, **headers)
+    return error_for(dialect)(exc.status, message, **headers)

@@ -1,42 +1,38 @@
 """Forwarding LLM requests to a node and streaming the answer back untouched.
 
-Per request: read the body once, take its ``model``, ask the router for a node, forward
-over the shared connection pool, copy bytes through as they arrive. Before the first byte
-reaches the client a failure moves the request to another node; after it, a cut ends the
-stream with one error line in the stream's own format. Nothing per chunk but a write and
-a timestamp; only the final chunk is parsed, for token metrics.
+Per request: read the body once, take its ``model`` (``body``), ask the router for a
+node, forward over the shared connection pool (the model in the node's own spelling),
+copy bytes through as they arrive (``relay``). Before the first byte reaches the client
+a failure moves the request to another node; after it, a cut ends the stream with one
+error line in the stream's own format. Nothing per chunk but a write and a timestamp;
+only the final chunk is parsed, for token metrics (``outcome``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from daemon.domain import FailureKind, classify_status
+from daemon.gateway.body import BadBody, Body, read_body
+from daemon.gateway.dialects import error_for, model_not_found, rate_limited
+from daemon.gateway.endpoint import Endpoint
 from daemon.gateway.fleet import Fleet, Node, model_key
+from daemon.gateway.outcome import Outcomes
+from daemon.gateway.relay import CLIENT_GONE, Relay
 from daemon.gateway.routing.prompts import Prompt, route_facts
-from daemon.gateway.routing.rates import Sample
 from daemon.gateway.routing.router import NoNode, Route, Router
-from daemon.gateway.stream_guard import StreamGuard
 from daemon.gateway.wire import (
     ERROR_BODY_LIMIT,
     TENANT,
     error_message,
-    final_error,
     forward_headers,
-    json_error,
-    openai_error,
-    rate_limited,
     response_headers,
-    timings_from_tail,
-    usage_from_tail,
 )
 from daemon.logs import get_logger
 from daemon.metrics import Metrics
@@ -48,23 +44,11 @@ from daemon.tenancy.tenancy import Tenancy, Ticket
 
 log = get_logger("olmd.proxy")
 
-# Recorded for a client that left before its answer ended (nginx's convention).
-CLIENT_GONE = 499
-COLD_LOAD_NS = 100_000_000  # a load_duration this long was a model load, not bookkeeping
+_NO_CONTENT_TYPE = ("Content-Type",)
 # A connection that died under a request before its first byte (refused ones are caught
 # before these: ClientConnectorError is a ClientOSError too).
 _DIED = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError)
 _SAME_MOMENT = 1.0  # seconds: deaths this close on one node are one node dying
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """A proxied route: the client's path, the node's path, and its error dialect."""
-
-    path: str
-    upstream: str
-    openai: bool = False
-    streams: bool = False  # answers stream unless the body says otherwise
 
 
 class _Retry(Exception):
@@ -99,7 +83,8 @@ class Proxy:
         self.active = 0
         self.retrying = 0
         self.tenancy: Tenancy | None = None  # set while tenants, keys or a header are on
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self.outcomes = Outcomes(metrics, router)
+        self.relay = Relay(fleet, self.outcomes)
         self.configure(routing)
 
     def configure(self, routing: RoutingSettings) -> None:
@@ -109,14 +94,7 @@ class Proxy:
         )
 
     def _child(self, metric: Any, *labels: str) -> Any:
-        """``metric.labels(*labels)``, remembered: labels() validates and locks each call."""
-        key = (id(metric), labels)
-        child = self._children.get(key)
-        if child is None:
-            if len(self._children) > 50_000:  # label sets are bounded; this is a backstop
-                self._children.clear()
-            child = self._children[key] = metric.labels(*labels)
-        return child
+        return self.outcomes.child(metric, *labels)
 
     def _retry_allowed(self) -> bool:
         # Envoy-style retry budget: retries in flight stay under a share of requests in
@@ -126,29 +104,24 @@ class Proxy:
 
     async def forward(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         started = time.monotonic()
-        error = openai_error if endpoint.openai else json_error
-        body = await request.read()
+        dialect = endpoint.dialect
+        error = error_for(dialect)
         try:
-            payload = json.loads(body)
-        except ValueError:
-            return error(400, "invalid JSON in the request body")
-        if not isinstance(payload, dict):
-            return error(400, "the request body must be a JSON object")
-        name = payload.get("model") or payload.get("name")
-        if not isinstance(name, str) or not name:
-            return error(400, "model is required")
-        try:
-            key = model_key(name)
-        except ValueError as exc:
+            body = await read_body(request, form=endpoint.form)
+            key = model_key(body.name)
+        except (BadBody, ValueError) as exc:
             return error(400, str(exc))
+        payload = body.payload
         upstream = endpoint.upstream
         if upstream == "embeddings":  # the wrapper route takes either body form
             upstream = "/api/embed" if "input" in payload else "/api/embeddings"
-        if endpoint.streams:
-            default = not endpoint.openai  # Ollama streams by default, OpenAI does not
-            streaming = payload.get("stream", default) is not False
-        else:
+        # Ollama's routes stream unless told not to; OpenAI's and Anthropic's only if asked.
+        if not endpoint.streams:
             streaming = False
+        elif dialect == "ollama":
+            streaming = payload.get("stream", True) is not False
+        else:
+            streaming = payload.get("stream") is True
         # A non-streamed answer arrives whole after the generation: its first byte may
         # legitimately come long after a streamed one's would.
         wait = self.routing.first_byte_timeout
@@ -156,7 +129,7 @@ class Proxy:
             wait = max(wait, self.routing.non_streaming_timeout)
         headers = forward_headers(request)
         route_request, prompt = route_facts(
-            request, endpoint.openai, upstream, payload, key, with_prompt=self.router.cost_aware
+            request, dialect == "openai", upstream, payload, key, with_prompt=self.router.cost_aware
         )
         tenancy = self.tenancy
         if tenancy is None:
@@ -167,14 +140,12 @@ class Proxy:
         if not tenancy.allows(tenant, key):
             # As a model no node has: the tenant learns nothing of what others may use.
             tenancy.refused(tenant, key)
-            if endpoint.openai:
-                return error(404, f"The model '{name}' does not exist")
-            return error(404, f'model "{name}" not found, try pulling it first')
-        estimate = route_request.prompt_tokens or len(body) // 4
+            return model_not_found(dialect, body.name)
+        estimate = route_request.prompt_tokens or (0 if body.is_form else len(body.raw) // 4)
         admitted = await tenancy.admit(tenant, key, estimate)
         if isinstance(admitted, Refusal):
             self.metrics.rejected.labels(endpoint.path, "429").inc()
-            return rate_limited(admitted, endpoint.openai, tenancy.headers(tenant))
+            return rate_limited(admitted, dialect, tenancy.headers(tenant))
         status = CLIENT_GONE
         try:
             response = await self._route(
@@ -201,7 +172,7 @@ class Proxy:
         request: web.Request,
         endpoint: Endpoint,
         upstream: str,
-        body: bytes,
+        body: Body,
         headers: Mapping[str, str],
         route_request: RouteRequest,
         prompt: Prompt,
@@ -210,7 +181,7 @@ class Proxy:
         ticket: Ticket | None = None,
     ) -> web.StreamResponse:
         """Route and forward, failing over before the first byte; the answer."""
-        error = openai_error if endpoint.openai else json_error
+        error = error_for(endpoint.dialect)
         key = route_request.model
         share = ticket.share if ticket is not None else DEFAULT_SHARE
         tried: list[str] = []
@@ -232,10 +203,12 @@ class Proxy:
                         self._count(node, key, endpoint, last.status)
                         return last  # every node holding the model was tried
                     self.metrics.rejected.labels(endpoint.path, str(exc.status)).inc()
+                    if exc.status == 404:  # no node holds it: as Ollama says so
+                        return model_not_found(endpoint.dialect, body.name)
                     extra = {"Retry-After": str(int(exc.retry_after))} if exc.retry_after else {}
                     if exc.status == 429 and ticket is not None:  # the tenant's queue_limit
                         refusal = Refusal("queue", exc.message, exc.retry_after or 1)
-                        return rate_limited(refusal, endpoint.openai, ticket.headers)
+                        return rate_limited(refusal, endpoint.dialect, ticket.headers)
                     return error(exc.status, exc.message, **extra)
                 node = route.node
                 tried.append(node.name)
@@ -281,58 +254,37 @@ class Proxy:
         finally:
             self.active -= 1
 
-    async def pass_through(self, request: web.Request, node: Node) -> web.StreamResponse:
-        """Forward a request as it is (method, path, query, streamed body) to one node."""
-        response: web.StreamResponse | None = None
-        try:
-            async with self.session.request(
-                request.method,
-                node.url + request.path_qs,
-                data=request.content if request.body_exists else None,
-                headers=forward_headers(request),
-                timeout=self.timeout,
-            ) as upstream:
-                response = web.StreamResponse(
-                    status=upstream.status,
-                    reason=upstream.reason,
-                    headers=response_headers(upstream, node.name),
-                )
-                await response.prepare(request)
-                async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
-                await response.write_eof()
-                return response
-        except (aiohttp.ClientError, TimeoutError, ConnectionResetError) as exc:
-            detail = node.redact(str(exc) or type(exc).__name__)
-            if response is None or not response.prepared:
-                return json_error(502, f"node {node.name}: {detail}", **{"X-Olmd-Node": node.name})
-            # Headers and part of the body are out: end it the way a cut stream ends (if the
-            # client left, final_error finds nobody to tell, and that is fine).
-            await final_error(response, False, f"node {node.name}: {detail}")
-            return response
-
     async def _attempt(
         self,
         request: web.Request,
         route: Route,
         endpoint: Endpoint,
         upstream_path: str,
-        body: bytes,
+        body: Body,
         headers: Mapping[str, str],
         started: float,
         wait: float,
     ) -> web.StreamResponse:
         node, key = route.node, route.key
-        error = openai_error if endpoint.openai else json_error
+        error = error_for(endpoint.dialect)
         node_header = {"X-Olmd-Node": node.name, "X-Olmd-Route": route.reason}
+        listed = node.listed(key)
+        # No Content-Type from the client, none to the node (aiohttp would add its own).
+        skip = () if "Content-Type" in headers else _NO_CONTENT_TYPE
         try:
             async with asyncio.timeout(wait):
                 upstream = await self.session.post(
-                    node.url + upstream_path, data=body, headers=headers, timeout=self.timeout
+                    node.url + upstream_path,
+                    data=body.for_node(listed),
+                    headers=headers,
+                    timeout=self.timeout,
+                    skip_auto_headers=skip,
                 )
                 try:
                     if upstream.status >= 400:
-                        await self._refused(node, upstream, key, error, node_header)
+                        # The node was sent its own spelling: its 404 is about that model.
+                        exact = listed is not None
+                        await self._refused(node, upstream, key, exact, error, node_header)
                     first = await upstream.content.readany()
                 except BaseException:
                     upstream.close()
@@ -397,20 +349,23 @@ class Proxy:
             return web.Response(
                 body=first, status=upstream.status, reason=upstream.reason, headers=headers
             )
-        return await self._relay(request, route, endpoint, upstream, first, started)
+        return await self.relay(request, route, endpoint, upstream, first, started, self.routing)
 
     async def _refused(
         self,
         node: Node,
         upstream: aiohttp.ClientResponse,
         key: str,
+        exact: bool,
         error: Any,
         node_header: dict[str, str],
     ) -> None:
         """Decide about an error status before anything reached the client.
 
         Raises _Retry when another node should be tried, _Final when the answer (a 400, or
-        a 404 that is not about the model) is the client's to see.
+        a 404 that is not about the model) is the client's to see. A "not found" for the
+        model as the node lists it (``exact``) marks it missing there until the next
+        probe; for another spelling it says nothing about the listed model.
         """
         status = upstream.status
         text = (await upstream.content.read(ERROR_BODY_LIMIT)).decode("utf-8", "replace")
@@ -418,99 +373,16 @@ class Proxy:
         reply = error(status, message, **node_header)
         kind = classify_status(status)
         if status == 404 and "not found" in message:
-            self.fleet.model_missing(node, key)
+            if exact:
+                self.fleet.model_missing(node, key)
             raise _Retry("model_missing", reply)
         if kind is None:
             raise _Final(reply)
         self.fleet.request_failed(node, time.monotonic(), kind, f"HTTP {status}: {message}", key)
         raise _Retry("busy" if kind is FailureKind.BUSY503 else "http5xx", reply)
 
-    async def _relay(
-        self,
-        request: web.Request,
-        route: Route,
-        endpoint: Endpoint,
-        upstream: aiohttp.ClientResponse,
-        first: bytes,
-        started: float,
-    ) -> web.StreamResponse:
-        node, key = route.node, route.key
-        response = web.StreamResponse(
-            status=upstream.status,
-            reason=upstream.reason,
-            headers=response_headers(upstream, node.name, route.reason),
-        )
-        if route.ticket is not None and route.ticket.headers:
-            response.headers.update(route.ticket.headers)
-        if upstream.content_length is not None:
-            response.content_length = upstream.content_length
-        sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
-        loop = asyncio.get_running_loop()
-        status = upstream.status
-        prev, tail = b"", first
-        guard: StreamGuard | None = None
-        try:
-            await response.prepare(request)
-            if first:
-                await response.write(first)
-            async with asyncio.timeout(None) as deadline:
-                routing = self.routing
-                guard = StreamGuard(loop, deadline, routing.idle_timeout, routing.write_timeout)
-                try:
-                    async for chunk in upstream.content.iter_any():
-                        prev, tail = tail, chunk
-                        guard.writing = loop.time()  # a slow client is not an idle node
-                        await response.write(chunk)
-                        guard.writing = None
-                        guard.last = loop.time()
-                finally:
-                    guard.cancel()
-            self.fleet.request_ok(node, time.monotonic(), key)
-            await response.write_eof()
-        except ConnectionResetError:
-            # Raised by our writes (aiohttp's ClientConnectionResetError): the client left.
-            self._count(node, key, endpoint, CLIENT_GONE)
-            return self._client_gone(node, upstream, response)
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            if guard is not None and guard.stuck:
-                # The client stopped reading (its window full) and did not close: cut it,
-                # and the node's request with it, so it holds no GPU slot.
-                self._count(node, key, endpoint, CLIENT_GONE)
-                self._client_gone(node, upstream, response)
-                if request.transport is not None:
-                    request.transport.abort()
-                return response
-            upstream.close()
-            if not isinstance(exc, TimeoutError):
-                detail = "stream cut"
-                self._failed(node, FailureKind.CONNECT, detail)
-            elif guard is not None and guard.idle:
-                detail = "idle timeout"
-                self._failed(node, FailureKind.TIMEOUT, detail)
-            else:  # total_timeout: the answer took too long, the node did nothing wrong
-                detail = "total timeout"
-            self._child(self.metrics.stream_errors, node.name).inc()
-            await final_error(response, sse, f"node {node.name}: {detail}")
-            status = 599  # recorded as a failed stream in metrics
-        except asyncio.CancelledError:
-            self._count(node, key, endpoint, CLIENT_GONE)
-            self._client_gone(node, upstream, response)
-            raise
-        finally:
-            upstream.release()
-        self._observe(route, endpoint, status, started, prev + tail)
-        return response
-
-    def _client_gone(
-        self, node: Node, upstream: aiohttp.ClientResponse, response: web.StreamResponse
-    ) -> web.StreamResponse:
-        # Closing the node's connection is what stops the GPU generating.
-        upstream.close()
-        self._child(self.metrics.upstream_cancelled, node.name).inc()
-        return response
-
     def _count(self, node: Node, key: str, endpoint: Endpoint, status: int) -> None:
-        self._child(self.metrics.requests, node.name, key, endpoint.path, str(status)).inc()
+        self.outcomes.count(node, key, endpoint.path, status)
 
     def _failed(self, node: Node, kind: FailureKind, detail: str) -> None:
         self.fleet.request_failed(node, time.monotonic(), kind, detail)
@@ -518,43 +390,7 @@ class Proxy:
     def _observe(
         self, route: Route, endpoint: Endpoint, status: int, started: float, tail: bytes
     ) -> None:
-        metrics, child = self.metrics, self._child
-        node, key = route.node, route.key
-        self._count(node, key, endpoint, status)
-        child(metrics.latency, endpoint.path).observe(time.monotonic() - started)
-        sample = timings_from_tail(tail)
-        if status < 300:
-            self.router.complete(route, sample)
-            if sample is not None and sample.load_ns >= COLD_LOAD_NS:
-                child(metrics.cold_loads, node.name, key).inc()
-            if route.cached_tokens:
-                child(metrics.cached_prompt_tokens, node.name, key).inc(route.cached_tokens)
-        if sample is not None:  # Ollama's final chunk
-            prompt, generated, eval_ns = sample.prompt_count, sample.eval_count, sample.eval_ns
-        else:  # the OpenAI-compatible routes' usage, if any
-            usage = usage_from_tail(tail)
-            if usage is None:
-                self._settle(route, None, None)
-                return
-            prompt, generated, eval_ns = usage
-        self._settle(route, (prompt, generated), sample)
-        child(metrics.tokens, node.name, key, "in").inc(prompt)
-        child(metrics.tokens, node.name, key, "out").inc(generated)
-        if eval_ns > 0 and generated > 0:
-            child(metrics.tokens_per_second, key).observe(generated / (eval_ns / 1e9))
-
-    @staticmethod
-    def _settle(route: Route, counts: tuple[int, int] | None, sample: Sample | None) -> None:
-        """What the answer used, on the tenant's ticket (counted when the request ends)."""
-        ticket = route.ticket
-        if ticket is None:
-            return
-        ticket.node, ticket.route = route.node.name, route.reason
-        ticket.cached_tokens = route.cached_tokens
-        if counts is not None:
-            ticket.prompt_tokens, ticket.completion_tokens = counts
-        if sample is not None:
-            ticket.gpu_seconds = sample.total_ns / 1e9
+        self.outcomes.observe(route, endpoint.path, status, started, tail)
 
 
 class _Final(Exception):

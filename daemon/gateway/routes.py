@@ -7,13 +7,14 @@ from typing import Any
 
 from aiohttp import web
 
-from daemon.gateway import admin, catalog, models, registry_routes, ui
+from daemon.gateway import admin, catalog, management, registry_routes, ui
 from daemon.gateway.component import GATEWAY
+from daemon.gateway.dialects import dialect_of, error_for, model_not_found
+from daemon.gateway.endpoint import Endpoint
 from daemon.gateway.fleet import model_key
-from daemon.gateway.guard import as_openai, is_admin
-from daemon.gateway.proxy import Endpoint
+from daemon.gateway.guard import as_dialect
 from daemon.gateway.tenants import TENANCY
-from daemon.gateway.wire import TENANT, json_error, openai_error
+from daemon.gateway.wire import ANONYMOUS, TENANT
 from daemon.runtime import RUNTIME
 from daemon.settings import DEFAULT_TENANT
 
@@ -23,9 +24,13 @@ ENDPOINTS = (
     Endpoint("/api/embed", "/api/embed"),
     Endpoint("/api/embeddings", "/api/embeddings"),
     Endpoint("/api/show", "/api/show"),
-    Endpoint("/v1/chat/completions", "/v1/chat/completions", openai=True, streams=True),
-    Endpoint("/v1/completions", "/v1/completions", openai=True, streams=True),
-    Endpoint("/v1/embeddings", "/v1/embeddings", openai=True),
+    Endpoint("/v1/chat/completions", "/v1/chat/completions", "openai", streams=True),
+    Endpoint("/v1/completions", "/v1/completions", "openai", streams=True),
+    Endpoint("/v1/embeddings", "/v1/embeddings", "openai"),
+    Endpoint("/v1/responses", "/v1/responses", "openai", streams=True, events=True),
+    # Answered whole once the transcript is done, however the form asks.
+    Endpoint("/v1/audio/transcriptions", "/v1/audio/transcriptions", "openai", form=True),
+    Endpoint("/v1/messages", "/v1/messages", "anthropic", streams=True, events=True),
     # The deployment guide's wrapper routes: same bodies and answers as the native ones.
     Endpoint("/api/v1/llm/generate", "/api/generate", streams=True),
     Endpoint("/api/v1/llm/chat", "/api/chat", streams=True),
@@ -39,21 +44,21 @@ def _forwarder(endpoint: Endpoint) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
         return await request.app[GATEWAY].proxy.forward(request, endpoint)
 
-    if not endpoint.openai:
+    if endpoint.dialect == "ollama":
         return handler
 
-    async def openai_handler(request: web.Request) -> web.StreamResponse:
-        # aiohttp's own errors (413 from reading the body) in OpenAI's shape; a try costs
-        # nothing until something raises.
+    async def v1_handler(request: web.Request) -> web.StreamResponse:
+        # aiohttp's own errors (413 from reading the body) in the route's shape; a try
+        # costs nothing until something raises.
         try:
             return await request.app[GATEWAY].proxy.forward(request, endpoint)
         except web.HTTPException as exc:
-            reply = as_openai(exc, request.app[RUNTIME])
+            reply = as_dialect(exc, request.app[RUNTIME], endpoint.dialect)
             if reply is None:
                 raise
             return reply
 
-    return openai_handler
+    return v1_handler
 
 
 def _allowed(request: web.Request) -> Callable[[str], bool] | None:
@@ -82,55 +87,40 @@ def _view(build: Callable[[Any], dict[str, Any] | web.Response]) -> Handler:
     return handler
 
 
+async def _version(request: web.Request) -> web.StreamResponse:
+    """``/api/version``; without a key while keys are required, the version alone."""
+    return catalog.version(request.app[GATEWAY].fleet, full=not request.get(ANONYMOUS))
+
+
 async def _openai_model(request: web.Request) -> web.StreamResponse:
     name = request.match_info["model"]
     allowed = _allowed(request)
     if allowed is not None and not allowed(name):
-        return openai_error(404, f"The model '{name}' does not exist")
+        return model_not_found("openai", name)
     return catalog.openai_model(request.app[GATEWAY].fleet, name)
 
 
-async def _openai_fallback(request: web.Request) -> web.StreamResponse:
-    """Any other request under ``/v1``: OpenAI's 404, or 405 naming the allowed methods
-    when the path exists (aiohttp would answer both in its own shape)."""
+async def _v1_fallback(request: web.Request) -> web.StreamResponse:
+    """Any other request under ``/v1``: a 404, or a 405 naming the allowed methods when
+    the path exists, in OpenAI's shape (Anthropic's under ``/v1/messages``): aiohttp
+    would answer both in its own."""
     allowed: set[str] = set()
     own = request.match_info.route.resource
     for resource in request.app.router.resources():
         if resource is not own:
             match, methods = await resource.resolve(request)
             allowed |= methods if match is None else set()
+    error = error_for(dialect_of(request.path))
     if allowed:
         message = f"method {request.method} not allowed on {request.path}"
-        return openai_error(405, message, Allow=", ".join(sorted(allowed)))
-    return openai_error(404, f"no route {request.path}")
-
-
-_FLEET_WIDE: dict[str, Handler] = {
-    "/api/pull": models.pull,
-    "/api/delete": models.delete,
-    "/api/copy": models.copy,
-}
-
-
-async def _management(request: web.Request) -> web.StreamResponse:
-    # The guard let only the admin token through. X-Olmd-Node names one node: the request
-    # passes through to it as it is. Without it, pull, delete and copy go to the fleet.
-    if not is_admin(request):  # defence in depth; the guard refuses first
-        return json_error(403, "this route needs the admin token")
-    gateway = request.app[GATEWAY]
-    name = request.headers.get("X-Olmd-Node", "")
-    if not name and request.path in _FLEET_WIDE:
-        return await _FLEET_WIDE[request.path](request)
-    node = gateway.fleet.get(name)
-    if node is None:
-        return json_error(400, "name the target node in the X-Olmd-Node header")
-    return await gateway.proxy.pass_through(request, node)
+        return error(405, message, Allow=", ".join(sorted(allowed)))
+    return error(404, f"no route {request.path}")
 
 
 def add_routes(app: web.Application) -> None:
     router = app.router
     router.add_get("/", catalog.root)  # GET also answers HEAD
-    router.add_get("/api/version", _view(catalog.version))
+    router.add_get("/api/version", _version)
     router.add_get("/api/tags", _view(catalog.tags))
     router.add_get("/api/ps", _view(catalog.ps))
     router.add_get("/v1/models", _view(catalog.openai_models))
@@ -138,12 +128,12 @@ def add_routes(app: web.Application) -> None:
     router.add_get("/v1/models/{model:.+}", _openai_model)
     for endpoint in ENDPOINTS:
         router.add_post(endpoint.path, _forwarder(endpoint))
-    router.add_route("*", "/v1", _openai_fallback)
-    router.add_route("*", "/v1/{tail:.*}", _openai_fallback)
+    router.add_route("*", "/v1", _v1_fallback)
+    router.add_route("*", "/v1/{tail:.*}", _v1_fallback)
     for path in ("/api/pull", "/api/push", "/api/create", "/api/copy"):
-        router.add_post(path, _management)
-    router.add_delete("/api/delete", _management)
-    router.add_route("*", "/api/blobs/{digest}", _management)
+        router.add_post(path, management.handler)
+    router.add_delete("/api/delete", management.handler)
+    router.add_route("*", "/api/blobs/{digest}", management.handler)
     registry_routes.add_routes(app)
     admin.add_routes(app)
     ui.add_routes(app)

@@ -1,18 +1,15 @@
-"""The proxy's wire details: which headers pass, error bodies in both dialects, the
-final error line of a cut stream, and token counts read from a response's tail."""
+"""The proxy's wire details: which headers pass, Ollama's and OpenAI's error bodies (all
+three dialects' shapes are in ``dialects``), and token counts read from a response's tail."""
 
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Mapping
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, MultiMapping
 
 from daemon.gateway.routing.rates import Sample
-from daemon.tenancy.limits import Refusal
 
 # RFC 9110 §7.6.1: meant for one connection, never forwarded (nor the headers that a
 # Connection header names, see _named_by_connection).
@@ -32,7 +29,9 @@ HOP_BY_HOP = frozenset(
 # Framing and addressing aiohttp sets itself for the next hop, and olmd's own headers.
 _OWN = frozenset({"host", "content-length", "x-olmd-node", "x-olmd-route"})
 # Request headers not copied: hop-by-hop, credentials, and the one olmd rewrites.
-SKIP_REQUEST = frozenset({*HOP_BY_HOP, *_OWN, "authorization", "cookie", "x-forwarded-for"})
+SKIP_REQUEST = frozenset(
+    {*HOP_BY_HOP, *_OWN, "authorization", "x-api-key", "cookie", "x-forwarded-for"}
+)
 # Response headers not copied: hop-by-hop, and those aiohttp sets itself.
 SKIP_RESPONSE = frozenset({*HOP_BY_HOP, *_OWN, "date", "server"})
 
@@ -54,20 +53,9 @@ def json_error(status: int, message: str, **headers: str) -> web.Response:
 
 
 TENANT = web.RequestKey("olmd_tenant", str)  # the tenant the guard found
-
-
-def rate_limited(refusal: Refusal, openai: bool, headers: Mapping[str, str]) -> web.Response:
-    """429 with ``Retry-After`` and the rate-limit headers, in the route's dialect: under
-    ``/v1`` OpenAI's ``rate_limit_exceeded`` (``insufficient_quota`` for a spent budget),
-    which its SDK reads as ``RateLimitError`` and retries by itself."""
-    extra = {**headers, "Retry-After": str(max(1, math.ceil(refusal.retry_after)))}
-    if not openai:
-        return json_error(429, refusal.message, **extra)
-    # As OpenAI answers: the type names the limit, the code what happened.
-    code = "insufficient_quota" if refusal.quota else "rate_limit_exceeded"
-    kind = "insufficient_quota" if refusal.quota else refusal.limit
-    body = {"error": {"message": refusal.message, "type": kind, "param": None, "code": code}}
-    return web.json_response(body, status=429, headers=extra)
+# Set by the guard on a keyless GET /api/version while keys are required: it answers
+# the version only (clients check it before they send a key).
+ANONYMOUS = web.RequestKey("olmd_anonymous", bool)
 
 
 def openai_error(status: int, message: str, **headers: str) -> web.Response:
@@ -118,27 +106,6 @@ def error_message(text: str) -> str | None:
     return None
 
 
-async def final_error(response: web.StreamResponse, sse: bool, message: str) -> None:
-    """End a cut stream with one error line in its own format, if the client is there.
-
-    A body of announced length cannot carry an extra line: its connection is closed, and
-    the client sees a short read.
-    """
-    if response.content_length is not None:
-        response.force_close()
-        return
-    if sse:
-        error = {"error": {"message": message, "type": "server_error"}}
-        data = b"data: " + json.dumps(error).encode() + b"\n\n"
-    else:
-        data = json.dumps({"error": message}).encode() + b"\n"
-    try:
-        await response.write(data)
-        await response.write_eof()
-    except ConnectionResetError:
-        pass
-
-
 def _count_after(data: bytes, field: bytes) -> int | None:
     at = data.rfind(field)
     if at < 0:
@@ -153,7 +120,9 @@ def usage_from_tail(tail: bytes) -> tuple[int, int, int] | None:
     """(prompt tokens, generated tokens, eval nanoseconds) from a response's last bytes.
 
     Ollama puts the counts in its final chunk (``done: true``); the OpenAI-compatible
-    routes put ``usage`` in the last object before ``[DONE]``. Found by searching, not by
+    routes put ``usage`` in the last object before ``[DONE]``; Anthropic's Messages and
+    the Responses API put ``input_tokens`` and ``output_tokens`` in the final event
+    (``message_delta``, ``response.completed``) or the whole answer. Found by searching, not by
     parsing: Ollama's final generate chunk also carries ``context``, thousands of token
     ids long. Only these keys' exact spelling matches (``"eval_count":`` cannot match
     inside ``"prompt_eval_count":``, nor inside an escaped string).
@@ -165,6 +134,9 @@ def usage_from_tail(tail: bytes) -> tuple[int, int, int] | None:
     completion = _count_after(tail, b'"completion_tokens":')
     if completion is not None:
         return _count_after(tail, b'"prompt_tokens":') or 0, completion, 0
+    output = _count_after(tail, b'"output_tokens":')  # Anthropic's and the Responses API's
+    if output is not None:
+        return _count_after(tail, b'"input_tokens":') or 0, output, 0
     return None
 
 

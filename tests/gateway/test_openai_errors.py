@@ -65,7 +65,9 @@ async def test_refusals_and_bad_requests(olmd) -> None:
         assert (await client.chat.completions.create(model=MODEL, messages=CHAT)).choices
         assert await client.models.retrieve(MODEL)
         error = await _raises(404, client.chat.completions.create(model="nope:1b", messages=CHAT))
-        assert "not found" in error.message
+        # OpenAI's own words and code for a model nobody serves.
+        assert error.message.startswith("The model `nope:1b` does not exist")
+        assert error.code == "model_not_found"
         await _raises(404, client.models.retrieve("nope:1b"))
         await _raises(400, client.post("/chat/completions", body={}, cast_to=httpx.Response))
         bad = client.post(

@@ -141,6 +141,14 @@ def read_prompt(upstream: str, payload: Mapping[str, Any], model: str) -> Prompt
     """The prefix chain of a request to ``upstream`` (the node's path), from its body."""
     if upstream in ("/api/chat", "/v1/chat/completions"):
         return chat_prompt(payload.get("messages"), model)
+    if upstream in ("/v1/messages", "/v1/responses"):  # a system prompt of their own
+        system = payload.get("system") or payload.get("instructions")
+        messages = payload.get("messages") or payload.get("input")
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        if system and isinstance(messages, list):
+            messages = [{"role": "system", "content": system}, *messages]
+        return chat_prompt(messages, model)
     if upstream in ("/api/generate", "/v1/completions"):
         return completion_prompt(
             payload.get("prompt"), payload.get("system"), payload.get("context"), model
