@@ -107,12 +107,11 @@ class SlotTable:
         now (0 drops them)."""
         self.max_loaded = max_loaded
         self.cache_tokens = cache_tokens
+        changed, self.num_parallel = num_parallel != self.num_parallel, num_parallel
         for model in self._models.values():
             model.cache = self._resize(model.cache)
-        if num_parallel == self.num_parallel:
-            return
-        self.num_parallel = num_parallel
-        for model in self._models.values():
+            if not changed:
+                continue
             want = self.parallel(model.name)
             busy = [s for s in model.slots if s.busy]
             free = sorted((s for s in model.slots if not s.busy), key=lambda s: -s.used)

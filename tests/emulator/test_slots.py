@@ -107,6 +107,10 @@ def test_the_host_cache_keeps_what_a_slot_gave_up(clock: Clock) -> None:
 
     table.configure(num_parallel=1, max_loaded=0, cache_tokens=0)
     assert model.cache is None  # turned off: dropped
+    table.configure(num_parallel=0, max_loaded=0, cache_tokens=10)
+    assert model.cache is None  # no slots, nothing to save
+    table.configure(num_parallel=1, max_loaded=0, cache_tokens=10)
+    assert model.cache is not None and model.cache.entries == []
     table.unload("m")
     assert resident(table, "m", [1, 2, 3]).cached == 0  # and it goes with the model
 
