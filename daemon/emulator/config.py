@@ -85,7 +85,12 @@ class EmulatorConfig(BaseModel):
     )
     pull_size: int = Field(1_000_000, ge=1, description="bytes a pull transfers")
     pull_speed: float = Field(0.0, ge=0, description="pull bytes per second, 0 = unlimited")
-    concurrency: int = Field(0, ge=0, description="requests generating at once, 0 = unlimited")
+    concurrency: int = Field(
+        0,
+        ge=0,
+        description="requests generating at once on the whole node, 0 = unlimited: a gate "
+        "Ollama does not have (its limits are num_parallel and max_loaded), for tests",
+    )
     queue: int = Field(
         512,
         ge=0,
