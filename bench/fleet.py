@@ -3,11 +3,12 @@
     .venv/bin/python bench/fleet.py [--quick] [--users N] [--parallel N] ...
 
 Three ``olmd emulate`` nodes with Ollama's performance model switched on (slots per
-model with a KV cache each, a prompt rate, one resident model per node, a cold load to
-change it), warmed on one model each. The same users (same seed) then hold the same
-conversations through each peer, on freshly started nodes every time: nginx round-robin,
-olmd ``weighted``, olmd ``adaptive``, and a client-side oracle that pins every user to a
-node holding its model. Prints a table and the targets (adaptive against round-robin and
+model with a KV cache each, chosen as llama-server chooses them, its host-RAM prompt
+cache, a prompt rate, one resident model per node, a cold load to change it), warmed
+on one model each. The same users (same seed) then hold the same conversations through
+each peer, on freshly started nodes every time: nginx round-robin, olmd ``weighted``,
+olmd ``adaptive``, and a client-side oracle that pins every user to a node holding its
+model. Prints a table and the targets (adaptive against round-robin and
 against the oracle); writes bench/fleet_results.md and bench/fleet_results.json.
 """
 
@@ -58,6 +59,12 @@ def parse_args() -> argparse.Namespace:
     add("--token-delay", type=float, default=0.01, help="seconds per generated token (0.01)")
     add("--tokens", type=int, default=20, help="tokens per answer (20)")
     add("--load-delay", type=float, default=2.0, help="cold load seconds (2.0)")
+    add(
+        "--cache-tokens",
+        type=int,
+        help="host-RAM prompt cache per model and node in tokens, 0 = off "
+        "(default: the emulator's, llama-server's 8 GiB)",
+    )
     add("--system-tokens", type=int, default=1500, help="shared system prompt (1500)")
     add("--first-tokens", type=int, default=3000, help="first message, a document (3000)")
     add("--followup-tokens", type=int, default=30, help="each follow-up (30)")
@@ -104,7 +111,7 @@ def performance(args: argparse.Namespace) -> dict[str, Any]:
         "tokens": args.tokens,
         "load_delay": args.load_delay,
         "max_loaded": 1,
-    }
+    } | ({} if args.cache_tokens is None else {"cache_tokens": args.cache_tokens})
 
 
 def choose_cpus() -> tuple[int | None, int | None, str]:

@@ -78,7 +78,8 @@ CONVERSATION = (
     "    r = u.urlopen(u.Request(url, json.dumps(body).encode())); a = json.load(r)\n"
     "    print('turn', turn, 'node', r.headers['X-Olmd-Node'], 'route', "
     "r.headers['X-Olmd-Route'], '%.1f s' % (time.time() - t), "
-    "'prompt tokens evaluated', a['prompt_eval_count'])\n"
+    "'prompt', a['prompt_eval_count'], 'tokens, evaluated in %.2f s' "
+    "% (a['prompt_eval_duration'] / 1e9))\n"
     "    h += [a['message'], {'role': 'user', 'content': 'and then?'}]"
 )
 OPENAI_CLIENT = (

@@ -14,6 +14,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 FaultKind = Literal["none", "refuse", "http500", "http503", "stall", "cut", "error_line"]
+PromptCount = Literal["whole", "evaluated"]
+# llama-server's --cache-ram default (8 GiB) over an 8B Llama's f16 KV cache per token
+# (2 x 32 layers x 8 KV heads x 128 dims x 2 bytes = 128 KiB): 65,536 tokens.
+CACHE_TOKENS_DEFAULT = 8 * 2**30 // (2 * 32 * 8 * 128 * 2)
 GENERATING_ROUTES = (
     "/api/generate",
     "/api/chat",
@@ -49,18 +53,38 @@ class EmulatorConfig(BaseModel):
         0,
         ge=0,
         le=1024,
-        description="slots per loaded model (OLLAMA_NUM_PARALLEL), each with a KV cache of "
-        "the last conversation it served; beyond them requests wait, up to `queue`; "
-        "0 = no slot model: no limit per model, no cache",
+        description="slots per loaded model (OLLAMA_NUM_PARALLEL; embedding models get one), "
+        "each with a KV cache of the last prompt it served; beyond them requests for a "
+        "loaded model wait without bound; 0 = no slot model: no limit per model, no cache",
     )
     prompt_rate: float = Field(
         0.0, ge=0, description="prompt tokens a slot evaluates per second, 0 = instant"
     )
-    max_loaded: int = Field(
-        0,
+    prompt_count: PromptCount = Field(
+        "whole",
+        description="what prompt_eval_count counts: the whole prompt, cached tokens "
+        "included (llama-server, Ollama since 0.30), or only the evaluated ones (older "
+        "Ollama); prompt_eval_duration covers the evaluated ones either way",
+    )
+    cache_tokens: int = Field(
+        CACHE_TOKENS_DEFAULT,
         ge=0,
-        description="models in memory at once (OLLAMA_MAX_LOADED_MODELS); loading one more "
-        "evicts the least recently used idle one; 0 = unlimited",
+        description="host-RAM prompt cache per loaded model, in tokens (llama-server's "
+        "--cache-ram; the default is its 8 GiB for an 8B model): a slot's state is saved "
+        "there when another prompt takes the slot, and restored for a prompt it serves "
+        "better than any free slot; 0 = off",
+    )
+    restore_rate: float = Field(
+        0.0,
+        ge=0,
+        description="tokens per second copied between a slot and the host cache (save or "
+        "restore); 0 = ten times prompt_rate (instant when prompt_rate is 0)",
+    )
+    max_loaded: int = Field(
+        3,
+        ge=0,
+        description="models in memory at once (OLLAMA_MAX_LOADED_MODELS: 3 per GPU by "
+        "default); loading one more evicts the least recently used idle one; 0 = unlimited",
     )
     registry: str = Field(
         "",
@@ -69,9 +93,18 @@ class EmulatorConfig(BaseModel):
     )
     pull_size: int = Field(1_000_000, ge=1, description="bytes a pull transfers")
     pull_speed: float = Field(0.0, ge=0, description="pull bytes per second, 0 = unlimited")
-    concurrency: int = Field(0, ge=0, description="requests generating at once, 0 = unlimited")
+    concurrency: int = Field(
+        0,
+        ge=0,
+        description="requests generating at once on the whole node, 0 = unlimited: a gate "
+        "Ollama does not have (its limits are num_parallel and max_loaded), for tests",
+    )
     queue: int = Field(
-        512, ge=0, description="requests waiting beyond that (or for a slot) before a 503"
+        512,
+        ge=0,
+        description="requests that may wait for a model to load (OLLAMA_MAX_QUEUE) or at "
+        "the `concurrency` gate before a 503; requests for a loaded model wait for a slot "
+        "without bound, as in Ollama",
     )
     embedding_dim: int = Field(8, ge=1, le=8192)
     unavailable: list[str] = Field(default_factory=list, description="names a pull cannot find")
@@ -125,7 +158,9 @@ class Stats:
 
     ``cold_loads`` and ``evictions`` count models loaded and evicted for room (expiry is
     not eviction); ``prompt_tokens_evaluated`` and ``prompt_tokens_cached`` split the
-    prompts of generations into tokens evaluated and tokens found in a slot's cache;
+    prompts of generations into tokens evaluated and tokens found in a slot's cache
+    (restored ones included); ``cache_saved`` and ``cache_restored`` count the tokens
+    copied to and from the host-RAM prompt cache;
     ``slots_in_use`` (a gauge) and ``max_slots_in_use`` count, per model, generations
     running on it (holding a slot, when num_parallel > 0).
     """
@@ -144,6 +179,8 @@ class Stats:
     evictions: int = 0
     prompt_tokens_evaluated: int = 0
     prompt_tokens_cached: int = 0
+    cache_saved: int = 0
+    cache_restored: int = 0
     slots_in_use: dict[str, int] = dataclasses.field(default_factory=dict)
     max_slots_in_use: dict[str, int] = dataclasses.field(default_factory=dict)
 

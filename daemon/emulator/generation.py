@@ -1,10 +1,14 @@
 """The generation routes: ``/api/generate``, ``/api/chat`` and their OpenAI forms.
 
 A request passes the concurrency gate, takes the model (and, with ``num_parallel`` > 0,
-a slot; see ``daemon.emulator.slots``), evaluates the prompt tokens its slot did not
-cache at ``prompt_rate``, then streams its tokens ``token_delay`` apart. The slot is given
-back, caching prompt + reply, before the final chunk leaves, so a client that sends its
-next turn as soon as it has read the answer finds the slot free and warm.
+a slot; see ``daemon.emulator.slots``), waits while its slot's state is swapped with the
+host-RAM prompt cache (at ``restore_rate``; in neither load nor prompt time, as in
+llama-server), evaluates the prompt tokens its slot did not cache at ``prompt_rate``,
+then streams its tokens ``token_delay`` apart. ``prompt_eval_count`` counts the whole
+prompt or only the evaluated tokens (``prompt_count``); ``prompt_eval_duration`` is the
+evaluation's. The slot is given back, caching prompt + reply, before the final chunk
+leaves, so a client that sends its next turn as soon as it has read the answer finds the
+slot free and warm.
 """
 
 from __future__ import annotations
@@ -48,16 +52,23 @@ async def _run(
     try:
         gated = time.perf_counter_ns()
         lease, load_ns = await state.acquire(request, name, job.tokens, job.keep_alive)
-        loaded = first = time.perf_counter_ns()
         cfg = state.config
         holds = job.tokens[: lease.cached]  # what the slot keeps if the request stops early
         try:
+            if transfer := state.transfer_seconds(lease):
+                await hold(request, transfer)
+            loaded = first = time.perf_counter_ns()
             # without a slot model, counted as before (and nothing is cached)
-            prompt_count = fmt.prompt_tokens(job.prompt) if lease.slot is None else lease.evaluated
-            state.stats.prompt_tokens_evaluated += prompt_count
+            evaluated = fmt.prompt_tokens(job.prompt) if lease.slot is None else lease.evaluated
+            whole = cfg.prompt_count == "whole" and lease.slot is not None
+            prompt_count = lease.cached + evaluated if whole else evaluated
+            state.stats.prompt_tokens_evaluated += evaluated
             state.stats.prompt_tokens_cached += lease.cached
-            if cfg.prompt_rate:
-                await hold(request, prompt_count / cfg.prompt_rate)
+            # The modelled evaluation time is what the answer reports, so that timings
+            # read from answers do not depend on how busy the emulator's host is.
+            prompt_s = evaluated / cfg.prompt_rate if cfg.prompt_rate else 0.0
+            if prompt_s:
+                await hold(request, prompt_s)
             holds = job.tokens
             count = cfg.tokens if job.limit is None or job.limit < 0 else min(cfg.tokens, job.limit)
             tokens = fmt.answer(job.prompt, count)
@@ -82,7 +93,7 @@ async def _run(
             total=end - start,
             load=max(1, gated - start + load_ns),
             prompt_count=prompt_count,
-            prompt_ns=max(1, first - loaded),
+            prompt_ns=round(prompt_s * 1e9) or max(1, first - loaded),
             eval_count=count,
             eval_ns=max(1, end - first) if count else 0,
         )

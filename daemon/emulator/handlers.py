@@ -50,7 +50,8 @@ async def _vectors(
     start = time.perf_counter_ns()
     await state.admit(request)
     try:
-        lease, _ = await state.acquire(request, name, None, fmt.KEEP_ALIVE_DEFAULT)
+        # A slot (an embedding model has one), with nothing to cache in it.
+        lease, _ = await state.acquire(request, name, [], fmt.KEEP_ALIVE_DEFAULT)
         try:
             loaded = time.perf_counter_ns()
             vectors = [fmt.embedding(text, state.config.embedding_dim) for text in texts]

@@ -15,7 +15,8 @@ client at once; without, the emulator notices at its next write or within 50 ms 
 
 This module holds the application, the server and ``olmd emulate``; the rest lives in
 ``config`` (EmulatorConfig, Stats), ``state`` (the live node and its gates), ``slots``
-(models in memory, slots and their KV caches), ``tokens`` (the tokenizer), ``responses``
+(models in memory, slots and their KV caches), ``hostcache`` (llama-server's slot choice
+and host-RAM prompt cache), ``tokens`` (the tokenizer), ``responses``
 (answers, faults, the middleware), ``generation`` and ``handlers`` (the routes),
 ``formats`` (requests and generated answers) and ``bodies`` (bodies that describe models).
 """
@@ -31,7 +32,7 @@ from typing import get_args
 from aiohttp import web
 from pydantic import ValidationError
 
-from daemon.emulator.config import EmulatorConfig, FaultKind, Stats, describe
+from daemon.emulator.config import EmulatorConfig, FaultKind, PromptCount, Stats, describe
 from daemon.emulator.handlers import add_routes
 from daemon.emulator.responses import middleware
 from daemon.emulator.state import STATE_KEY, EmulatorState
@@ -142,10 +143,27 @@ _FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ),
     ("--max-loaded", "max_loaded", int, "models in memory at once, 0 = unlimited"),
     ("--registry", "registry", str, "where pulls of names without a host go (http://h:p)"),
+    (
+        "--cache-tokens",
+        "cache_tokens",
+        int,
+        "host-RAM prompt cache per loaded model in tokens (llama-server's --cache-ram), 0 = off",
+    ),
+    (
+        "--restore-rate",
+        "restore_rate",
+        float,
+        "tokens per second copied to or from the host cache, 0 = ten times --prompt-rate",
+    ),
     ("--pull-size", "pull_size", int, "bytes one pull transfers"),
     ("--pull-speed", "pull_speed", float, "pull bytes per second, 0 = unlimited"),
     ("--concurrency", "concurrency", int, "requests generating at once, 0 = unlimited"),
-    ("--queue", "queue", int, "requests that may wait beyond --concurrency before a 503"),
+    (
+        "--queue",
+        "queue",
+        int,
+        "requests that may wait for a model to load, or beyond --concurrency, before a 503",
+    ),
     ("--embedding-dim", "embedding_dim", int, "length of embedding vectors"),
     ("--fault-after", "fault_after", int, "chunks sent before a cut or error_line fault"),
     ("--fault-count", "fault_count", int, "requests that get the fault, 0 = every one"),
@@ -172,6 +190,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "stall (never answer), cut (drop the connection mid-answer), error_line (an error "
         "inside the stream)",
     )
+    add(
+        "--prompt-count",
+        choices=get_args(PromptCount),
+        default="whole",
+        help="what prompt_eval_count counts: the whole prompt (llama-server) or only the "
+        "evaluated tokens (older Ollama) (default: %(default)s)",
+    )
     for flag, key, kind, text in _FLAGS:
         default = EmulatorConfig.model_fields[key].default
         add(flag, type=kind, default=default, help=f"{text} (default: %(default)s)")
@@ -180,7 +205,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace) -> int:
     """Serve until SIGINT or SIGTERM; 0 on a clean stop, 2 on a bad flag value."""
     values = {key: getattr(args, flag[2:].replace("-", "_")) for flag, key, _, _ in _FLAGS}
-    values.update(fault=args.fault, unavailable=args.unavailable)
+    values.update(fault=args.fault, unavailable=args.unavailable, prompt_count=args.prompt_count)
     if args.models is not None:
         values["models"] = args.models
     try:

@@ -2,10 +2,12 @@
 
 :class:`SlotTable` answers one question, synchronously: may this request run now? A
 request for a resident model gets a :class:`Lease` (with ``num_parallel`` > 0, on a free
-slot chosen by its cache: see :meth:`SlotTable.take`); for an absent model a
-:class:`Load` (its caller does the cold load, after the least recently used idle model was
-evicted if ``max_loaded`` was reached, then calls :meth:`SlotTable.loaded`); otherwise a
-:class:`Wait` saying why. A finished request sets the model's expiry to now + keep_alive;
+slot chosen as llama-server chooses, its state swapped with the host-RAM prompt cache
+when that pays: see ``daemon.emulator.hostcache``); for an absent model a :class:`Load`
+(its caller does the cold load, after the least recently used idle model was evicted if
+``max_loaded`` was reached, then calls :meth:`SlotTable.loaded`); otherwise a
+:class:`Wait` saying why. Embedding models get one slot whatever ``num_parallel`` says,
+as Ollama loads them. A finished request sets the model's expiry to now + keep_alive;
 an expired idle model is unloaded at the next look, and its caches with it. Queueing,
 sleeping and counting are ``daemon.emulator.state``'s. Pure: no I/O; the wall clock
 (nanoseconds) is injected.
@@ -18,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Literal
 
+from daemon.emulator.hostcache import HostCache, choose_slot
 from daemon.emulator.tokens import common_prefix
 
 WaitReason = Literal["loading", "room", "slot"]
@@ -34,10 +37,12 @@ class Slot:
 
 @dataclasses.dataclass(eq=False, slots=True)
 class Resident:
-    """A model in memory. ``slots`` is empty when ``num_parallel`` is 0 (no slot limit)."""
+    """A model in memory. ``slots`` is empty when ``num_parallel`` is 0 (no slot limit);
+    ``cache`` is its host-RAM prompt cache (None: off)."""
 
     name: str
     slots: list[Slot]
+    cache: HostCache | None = None
     running: int = 0  # requests using it now, generation and embedding
     expires_ns: int = 0  # ns since the epoch; only counts once nothing runs
     used: int = 0
@@ -49,8 +54,10 @@ class Lease:
 
     model: Resident
     slot: Slot | None
-    cached: int  # prompt tokens found in the slot's cache
+    cached: int  # prompt tokens found in the slot's cache (after a restore)
     evaluated: int  # prompt tokens left to evaluate, at least 1 (0 without a prompt)
+    saved: int = 0  # tokens of the slot's old state copied to the host cache
+    restored: int = 0  # tokens of a saved state copied back into the slot
 
     @property
     def generating(self) -> bool:
@@ -77,27 +84,52 @@ class SlotTable:
     """Resident models, models being loaded and every slot's cache."""
 
     def __init__(
-        self, *, num_parallel: int = 0, max_loaded: int = 0, clock: Callable[[], int] = time.time_ns
+        self,
+        *,
+        num_parallel: int = 0,
+        max_loaded: int = 0,
+        cache_tokens: int = 0,
+        single: Callable[[str], bool] = lambda name: False,
+        clock: Callable[[], int] = time.time_ns,
     ) -> None:
         self.num_parallel = num_parallel
         self.max_loaded = max_loaded
+        self.cache_tokens = cache_tokens
+        self._single = single  # models loaded with one slot (Ollama's embedding models)
         self._clock = clock
         self._models: dict[str, Resident] = {}
         self._loading: set[str] = set()
         self._tick = 0
 
-    def configure(self, *, num_parallel: int, max_loaded: int) -> None:
+    def configure(self, *, num_parallel: int, max_loaded: int, cache_tokens: int = 0) -> None:
         """New limits. Resident models get or lose free slots now, busy ones when released;
-        a lower ``max_loaded`` evicts only as models are loaded."""
+        a lower ``max_loaded`` evicts only as models are loaded; host caches are resized
+        now (0 drops them)."""
         self.max_loaded = max_loaded
-        if num_parallel == self.num_parallel:
-            return
-        self.num_parallel = num_parallel
+        self.cache_tokens = cache_tokens
+        changed, self.num_parallel = num_parallel != self.num_parallel, num_parallel
         for model in self._models.values():
+            model.cache = self._resize(model.cache)
+            if not changed:
+                continue
+            want = self.parallel(model.name)
             busy = [s for s in model.slots if s.busy]
             free = sorted((s for s in model.slots if not s.busy), key=lambda s: -s.used)
-            keep = busy + free[: max(num_parallel - len(busy), 0)] if num_parallel else []
-            model.slots = keep + [Slot() for _ in range(num_parallel - len(keep))]
+            keep = busy + free[: max(want - len(busy), 0)] if want else []
+            model.slots = keep + [Slot() for _ in range(want - len(keep))]
+
+    def parallel(self, name: str) -> int:
+        """Slots ``name`` gets when loaded: ``num_parallel``, but one for embedding models."""
+        return min(self.num_parallel, 1) if self._single(name) else self.num_parallel
+
+    def _resize(self, cache: HostCache | None) -> HostCache | None:
+        if not self.cache_tokens or not self.num_parallel:
+            return None
+        if cache is None:
+            return HostCache(self.cache_tokens)
+        cache.limit = self.cache_tokens
+        cache.trim()
+        return cache
 
     # ------------------------------------------------------------ looking
 
@@ -124,14 +156,13 @@ class SlotTable:
     # ------------------------------------------------------------ taking and giving back
 
     def take(self, name: str, prompt: Sequence[int] | None) -> Lease | Load | Wait:
-        """Try to start a request for ``name``; ``prompt`` None asks for no slot (embeddings).
+        """Try to start a request for ``name``; ``prompt`` None asks for no slot (a bare
+        load), an empty prompt for a slot with nothing to cache (an embedding).
 
-        The slot: among the free ones, the one sharing the longest token prefix with the
-        prompt (the least recently used on a tie). If that slot's cache is not all prefix
-        (the prompt does not continue its conversation), the least recently used free slot
-        is taken instead and the shared prefix copied into it, as Ollama's runner does
-        with several slots (``findBestCacheSlot``); either way the shared prefix is cached
-        and at least one prompt token is evaluated."""
+        The slot is llama-server's choice (:func:`~daemon.emulator.hostcache.choose_slot`);
+        when its state is swapped with the host cache, the lease says how many tokens
+        were saved and restored. The prefix the slot then shares with the prompt is
+        cached, and at least one prompt token is evaluated."""
         self.expire()
         model = self._models.get(name)
         if model is not None:
@@ -153,8 +184,8 @@ class SlotTable:
         """The load a :class:`Load` began is done; its request takes the first lease. The
         expiry shown until a request finishes is now + ``keep_alive_ns``, as Ollama's."""
         self._loading.discard(name)
-        slots = [Slot() for _ in range(self.num_parallel)]
-        model = Resident(name, slots, expires_ns=self._clock() + keep_alive_ns)
+        slots = [Slot() for _ in range(self.parallel(name))]
+        model = Resident(name, slots, self._resize(None), expires_ns=self._clock() + keep_alive_ns)
         self._models[name] = model
         lease = self._lease(model, prompt)
         if lease is None:  # unreachable: a fresh model has every slot free
@@ -180,7 +211,7 @@ class SlotTable:
             if holds is not None:
                 slot.tokens = list(holds)
             slot.busy, slot.used = False, model.used
-            if len(model.slots) > self.num_parallel and slot in model.slots:
+            if len(model.slots) > self.parallel(model.name) and slot in model.slots:
                 model.slots.remove(slot)  # num_parallel was lowered while it ran
 
     def unload(self, name: str) -> bool:
@@ -192,27 +223,23 @@ class SlotTable:
         self._loading.clear()
 
     def _lease(self, model: Resident, prompt: Sequence[int] | None) -> Lease | None:
-        slot, cached = None, 0
+        slot, cached, saved, restored = None, 0, 0, 0
         if prompt is not None and model.slots:
             free = [s for s in model.slots if not s.busy]
             if not free:
                 return None
-            slot = max(free, key=lambda s: (common_prefix(s.tokens, prompt), -s.used))
-            shared = common_prefix(slot.tokens, prompt)
-            if shared < len(slot.tokens):
-                # Not a continuation of that slot's conversation: as Ollama does with
-                # several slots, take the least recently used one and copy the shared
-                # prefix into it, so the other conversation's cache survives.
-                slot = min(free, key=lambda s: s.used)
+            slot, swap = choose_slot(free, prompt)
+            if swap and model.cache is not None:
+                saved, restored = model.cache.swap(slot, prompt)
             # at least one token is evaluated, even when the whole prompt is cached
-            cached = min(shared, max(len(prompt) - 1, 0))
+            cached = min(common_prefix(slot.tokens, prompt), max(len(prompt) - 1, 0))
             slot.busy = True
         model.running += 1
         model.used = self._next()
         if slot is not None:
             slot.used = model.used
-        evaluated = 0 if prompt is None else max(1, len(prompt) - cached)
-        return Lease(model, slot, cached, evaluated)
+        evaluated = max(1, len(prompt) - cached) if prompt else 0
+        return Lease(model, slot, cached, evaluated, saved, restored)
 
     def _next(self) -> int:
         self._tick += 1

@@ -22,7 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from daemon.emulator import formats as fmt
-from daemon.emulator.bodies import default_digest
+from daemon.emulator.bodies import default_digest, is_embedding
 from daemon.emulator.config import EmulatorConfig, Stats, normalize
 from daemon.emulator.formats import Reject
 from daemon.emulator.slots import Lease, Load, SlotTable, Wait, WaitReason
@@ -89,14 +89,21 @@ class EmulatorState:
         # and the blobs on disk (digests only: the bytes are not kept).
         self.manifests: dict[str, bytes] = {}
         self.blobs: set[str] = set()
-        self.models = SlotTable(num_parallel=config.num_parallel, max_loaded=config.max_loaded)
+        self.models = SlotTable(
+            num_parallel=config.num_parallel,
+            max_loaded=config.max_loaded,
+            cache_tokens=config.cache_tokens,
+            single=is_embedding,
+        )
         self._waiters: deque[asyncio.Future[None]] = deque()  # at the concurrency gate
         self._queue: list[_Waiter] = []  # for a model or a slot, in arrival order
 
     def update(self, patch: dict[str, Any]) -> None:
         """Apply a partial config; on ValidationError the old config stays."""
         self.config = cfg = EmulatorConfig.model_validate({**self.config.model_dump(), **patch})
-        self.models.configure(num_parallel=cfg.num_parallel, max_loaded=cfg.max_loaded)
+        self.models.configure(
+            num_parallel=cfg.num_parallel, max_loaded=cfg.max_loaded, cache_tokens=cfg.cache_tokens
+        )
         self._wake()
         self._dispatch()
 
@@ -155,12 +162,13 @@ class EmulatorState:
     async def acquire(
         self, request: web.Request, name: str, prompt: list[int] | None, keep_alive: float
     ) -> tuple[Lease, int]:
-        """Start a request on ``name``: a slot for ``prompt`` (None: no slot, as for an
-        embedding), loading the model first if that falls to this request (``keep_alive``
-        is then the expiry /api/ps shows until a request finishes). Waits in arrival
-        order; with num_parallel > 0, beyond ``queue`` waiting it is Ollama's 503.
-        Returns the lease, for :meth:`finish`, and the ns spent waiting for or doing a
-        cold load (waiting for a slot of a loaded model is not loading)."""
+        """Start a request on ``name``: a slot for ``prompt`` (None: no slot, as for a
+        bare load; empty: a slot with nothing cached, as for an embedding), loading the
+        model first if that falls to this request (``keep_alive`` is then the expiry
+        /api/ps shows until a request finishes). Waits in arrival order: for a slot of a
+        loaded model without bound, for a load with at most ``queue`` others (then
+        Ollama's 503). Returns the lease, for :meth:`finish`, and the ns spent waiting
+        for or doing a cold load (waiting for a slot of a loaded model is not loading)."""
         grant, load_ns = await self._turn(request, name, prompt)
         if isinstance(grant, Lease):
             lease = grant
@@ -180,7 +188,15 @@ class EmulatorState:
             self._dispatch()  # those that waited for this load
         if lease.generating:
             self._in_use(name, 1)
+        self.stats.cache_saved += lease.saved
+        self.stats.cache_restored += lease.restored
         return lease, load_ns
+
+    def transfer_seconds(self, lease: Lease) -> float:
+        """The time the lease's swap with the host cache takes (0 without one)."""
+        cfg, moved = self.config, lease.saved + lease.restored
+        rate = cfg.restore_rate or 10 * cfg.prompt_rate
+        return moved / rate if moved and rate else 0.0
 
     def finish(self, lease: Lease, holds: list[int] | None, keep_alive: float | None) -> None:
         """Give back what :meth:`acquire` gave: the slot now caches ``holds`` (None: as
@@ -202,14 +218,13 @@ class EmulatorState:
         self._queue.append(waiter)
         self._dispatch()
         if not waiter.turn.done():
-            # Only the slot model bounds this queue: waiting for another request's cold
-            # load was always free, and stays so when num_parallel is 0.
-            bounded = self.config.num_parallel > 0
-            if bounded and len(self._queue) > self.config.queue:
+            # As Ollama's scheduler: a request for a loaded model waits for its runner
+            # without bound; only those waiting for a load fill OLLAMA_MAX_QUEUE.
+            if waiter.reason != "slot" and self._loads_waiting() > self.config.queue:
                 self._queue.remove(waiter)
                 self.stats.rejected += 1
                 raise Reject(503, fmt.ERR_MAX_QUEUE)
-            self.stats.queued += bounded
+            self.stats.queued += 1
             try:
                 await hold(request, None, waiter.turn)
             except BaseException:
@@ -219,8 +234,11 @@ class EmulatorState:
                     self._queue.remove(waiter)
                 raise
             finally:
-                self.stats.queued -= bounded
+                self.stats.queued -= 1
         return waiter.turn.result(), waiter.load_ns
+
+    def _loads_waiting(self) -> int:
+        return sum(1 for w in self._queue if w.reason in ("loading", "room"))
 
     def _give_back(self, grant: Lease | Load) -> None:
         if isinstance(grant, Load):

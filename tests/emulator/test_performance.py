@@ -30,7 +30,10 @@ FOLLOW_UP = {"role": "user", "content": "And at sunset?"}
 
 
 def slots(**config: Any) -> EmulatorConfig:
-    return EmulatorConfig(models=[A, B, "nomic-embed-text"], **config)
+    """A node whose prompt_eval_count shows what its caches saved (the older count)."""
+    return EmulatorConfig(
+        models=[A, B, "nomic-embed-text"], **{"prompt_count": "evaluated", **config}
+    )
 
 
 async def chat(
@@ -120,41 +123,85 @@ async def test_two_slots_keep_two_interleaved_conversations(
         x2 = await chat(http, emu, x)
         y2 = await chat(http, emu, y)
         seen = await stats(http, emu)
-    shared = tok.common_prefix(tok.chat(x[:2]), tok.chat(y[:1]))  # "user": copied, not lost
+    # y shares its start ("user") with x's slot, over a tenth of its prompt: llama-server
+    # takes that slot rather than the empty one, and saves x's state to the host cache
+    shared = tok.common_prefix(tok.chat(x[:2]), tok.chat(y[:1]))
     assert y1["prompt_eval_count"] == len(tok.chat(y[:1])) - shared
-    assert x2["prompt_eval_count"] == new_tokens(x[:2], x)
-    assert y2["prompt_eval_count"] == new_tokens(y[:2], y)
+    assert x2["prompt_eval_count"] == new_tokens(x[:2], x)  # restored into the empty slot
+    assert y2["prompt_eval_count"] == new_tokens(y[:2], y)  # in the slot it took
     assert seen["max_slots_in_use"] == {A: 1} and seen["cold_loads"] == 1
+    assert seen["cache_restored"] == len(tok.chat(x[:2]))
+
+
+@pytest.mark.parametrize("count", ["whole", "evaluated"])
+@pytest.mark.parametrize("cache", [0, 4096])
+async def test_the_host_cache_brings_back_a_conversation_the_slot_gave_up(
+    http: aiohttp.ClientSession, count: str, cache: int
+) -> None:
+    rate = 20_000  # prompt tokens a second; the restore copies 10 x as fast
+    x: list[Any] = [{"role": "system", "content": SYSTEM}, QUESTION]
+    y: list[Any] = [{"role": "user", "content": "Explain the tides, please."}]
+    config = slots(num_parallel=1, prompt_rate=rate, prompt_count=count, cache_tokens=cache)
+    async with Emulator(config) as emu:
+        x1 = await chat(http, emu, x)
+        await chat(http, emu, y)  # takes the only slot: x's state goes to the host cache
+        x += [x1["message"], FOLLOW_UP]
+        x2 = await chat(http, emu, x)
+        seen = await stats(http, emu)
+    evaluated = new_tokens(x[:3], x) if cache else len(tok.chat(x))
+    whole = len(tok.chat(x))
+    assert x2["prompt_eval_count"] == (whole if count == "whole" else evaluated)
+    assert x2["prompt_eval_duration"] == round(evaluated / rate * 1e9)  # computed, not timed
+    restored = len(tok.chat(x[:3])) if cache else 0
+    assert (seen["cache_restored"], seen["prompt_tokens_evaluated"] > evaluated) == (restored, True)
+    if cache:  # the copy is neither load nor prompt time, but the answer's total has it
+        copy_ns = restored / (10 * rate) * 1e9  # and the save of y's state before it
+        assert x2["total_duration"] > x2["load_duration"] + x2["prompt_eval_duration"] + copy_ns
 
 
 # ---------------------------------------------------------------- slots and the queue
 
 
-async def test_one_slot_queues_the_second_request_and_refuses_past_the_queue(
-    emu: Emulator, http: aiohttp.ClientSession
+async def test_requests_for_a_loaded_model_wait_without_bound_loads_fill_the_queue(
+    http: aiohttp.ClientSession,
 ) -> None:
-    await configure(http, emu, num_parallel=1, queue=1, tokens=10, token_delay=0.02)
+    # Ollama's scheduler: a request for a loaded model waits for its runner however many
+    # wait; OLLAMA_MAX_QUEUE (here 0) bounds only the requests waiting for a load.
+    async with Emulator(slots(num_parallel=1, queue=0, tokens=10, token_delay=0.02)) as emu:
+        await _queue_semantics(http, emu)
+
+
+async def _queue_semantics(http: aiohttp.ClientSession, emu: Emulator) -> None:
     first = asyncio.create_task(chat(http, emu, [QUESTION]))
     await until(lambda: _in_use(emu, 1))
-    second = asyncio.create_task(chat(http, emu, [FOLLOW_UP]))
-    await until(lambda: _queued(emu, 1))
-    status, _, text = await call(http, emu, "/api/chat", {"model": A, "messages": [QUESTION]})
-    assert (status, json.loads(text)) == (503, {"error": BUSY})
-    one, two = await first, await second
-    assert two["total_duration"] > one["eval_duration"]  # it waited for the slot ...
-    assert two["load_duration"] < 20 * MS  # ... which is not loading
+    waiting = [asyncio.create_task(chat(http, emu, [FOLLOW_UP])) for _ in range(2)]
+    await until(lambda: _queued(emu, 2))
+    one, *two = [await first, *await asyncio.gather(*waiting)]
+    assert all(t["total_duration"] > one["eval_duration"] for t in two)  # they waited ...
+    assert all(t["load_duration"] < 20 * MS for t in two)  # ... which is not loading
     seen = await stats(http, emu)
-    assert seen["max_slots_in_use"] == {A: 1} and seen["rejected"] == 1
+    assert seen["max_slots_in_use"] == {A: 1} and seen["rejected"] == 0
     assert seen["queued"] == 0 and seen["slots_in_use"] == {}
 
-    await configure(http, emu, queue=0)
-    first = asyncio.create_task(chat(http, emu, [QUESTION]))
-    await until(lambda: _in_use(emu, 1))
-    status, _, text = await call(http, emu, "/api/chat", {"model": A, "messages": [QUESTION]})
-    assert (status, json.loads(text)) == (503, {"error": BUSY})
-    await first
-    status, _, _ = await call(http, emu, "/api/embed", {"model": "nomic-embed-text", "input": "a"})
-    assert status == 200  # embeddings take no slot
+    await configure(http, emu, load_delay=0.2)
+    loading = asyncio.create_task(chat(http, emu, [QUESTION], model=B))  # loads: not queued
+    await until(lambda: _loading(emu, B))
+    status, _, text = await call(http, emu, "/api/chat", {"model": B, "messages": [QUESTION]})
+    assert (status, json.loads(text)) == (503, {"error": BUSY})  # would wait for the load
+    await loading
+    assert (await stats(http, emu))["rejected"] == 1
+
+
+async def test_an_embedding_model_has_one_slot(emu: Emulator, http: aiohttp.ClientSession) -> None:
+    await configure(http, emu, num_parallel=4)
+    for model in (A, "nomic-embed-text"):
+        status, _, _ = await call(http, emu, "/api/embed", {"model": model, "input": "a"})
+        assert status == 200
+    resident = {m: emu.state.models.resident(m) for m in (A, "nomic-embed-text:latest")}
+    assert {m: len(r.slots) for m, r in resident.items() if r} == {
+        A: 4,
+        "nomic-embed-text:latest": 1,
+    }
 
 
 async def test_clients_that_leave_give_back_their_place(
@@ -180,8 +227,8 @@ async def test_clients_that_leave_give_back_their_place(
     assert after["load_duration"] < 20 * MS
 
 
-async def _loading(emu: Emulator) -> bool:
-    return emu.state.models.is_loading(A)
+async def _loading(emu: Emulator, model: str = A) -> bool:
+    return emu.state.models.is_loading(model)
 
 
 async def _cancelled(emu: Emulator, count: int) -> bool:
@@ -270,13 +317,19 @@ async def test_defaults_keep_the_old_behaviour(emu: Emulator, http: aiohttp.Clie
 
 def test_config_fields_and_cli_flags() -> None:
     config = EmulatorConfig()
-    assert (config.num_parallel, config.prompt_rate, config.max_loaded) == (0, 0.0, 0)
-    for field in ("num_parallel", "prompt_rate", "max_loaded"):
+    assert (config.num_parallel, config.prompt_rate, config.max_loaded) == (0, 0.0, 3)
+    assert (config.prompt_count, config.cache_tokens, config.restore_rate) == ("whole", 65536, 0)
+    fields = ("num_parallel", "prompt_rate", "max_loaded", "prompt_count", "cache_tokens")
+    for field in (*fields, "restore_rate"):
         assert EmulatorConfig.model_fields[field].description
     with pytest.raises(ValueError, match="num_parallel"):
         EmulatorConfig(num_parallel=-1)
+    with pytest.raises(ValueError, match="prompt_count"):
+        EmulatorConfig(prompt_count="cached")  # type: ignore[arg-type]
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(["--num-parallel", "4", "--prompt-rate", "250", "--max-loaded", "2"])
     assert (args.num_parallel, args.prompt_rate, args.max_loaded) == (4, 250.0, 2)
+    args = parser.parse_args(["--prompt-count", "evaluated", "--cache-tokens", "0"])
+    assert (args.prompt_count, args.cache_tokens, args.restore_rate) == ("evaluated", 0, 0.0)
     assert run_from_args(parser.parse_args(["--max-loaded", "-1"])) == 2

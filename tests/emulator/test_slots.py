@@ -62,24 +62,67 @@ def test_no_slot_model_admits_everything_and_caches_nothing(clock: Clock) -> Non
     assert table.resident("m") is not None and table.resident("m").running == 6  # type: ignore[union-attr]
 
 
-def test_slot_choice_keeps_each_conversation_in_its_slot(clock: Clock) -> None:
+def test_slot_choice_is_llama_servers(clock: Clock) -> None:
     table = SlotTable(num_parallel=2, clock=clock)
     x = resident(table, "m", [1, 2])
     table.finish(x, [1, 2, 3], 100)
-    y = lease_of(table.take("m", [1, 5]))  # shares one token with x's slot, not all of it
-    assert y.slot is not x.slot and y.cached == 1  # the prefix is copied into the free slot
+    # A free slot whose cache covers more than a tenth of the prompt is taken, even with
+    # an empty slot free; without a host cache nothing is saved.
+    y = lease_of(table.take("m", [1, 5]))
+    assert (y.slot, y.cached, y.saved, y.restored) == (x.slot, 1, 0, 0)
     table.finish(y, [1, 5, 6], 100)
 
-    x2 = lease_of(table.take("m", [1, 2, 3, 4]))
-    y2 = lease_of(table.take("m", [1, 5, 6, 7]))
-    assert (x2.slot, x2.cached, y2.slot, y2.cached) == (x.slot, 3, y.slot, 3)
+    # a prompt sharing a tenth or less with every slot takes the least recently used one
+    z = lease_of(table.take("m", [9, 8, 7, 6, 5, 4, 3, 2, 1, 1]))
+    assert z.slot is not x.slot and z.cached == 0
+    w = lease_of(table.take("m", [1, 5, 6, 7]))  # the other slot is free: its cache counts
+    assert (w.slot, w.cached) == (x.slot, 3)
     assert table.take("m", [1]) == Wait("slot")
-    table.finish(x2, [1, 2, 3, 4], 100)
-    table.finish(y2, [1, 5, 6, 7], 100)
 
-    # a new conversation: the least recently used slot (x's) gives way
-    z = lease_of(table.take("m", [9]))
-    assert z.slot is x.slot and z.cached == 0
+
+def test_the_host_cache_keeps_what_a_slot_gave_up(clock: Clock) -> None:
+    table = SlotTable(num_parallel=1, cache_tokens=10, clock=clock)
+    a = resident(table, "m", [1, 2, 3])
+    table.finish(a, [1, 2, 3, 4], 100)
+    b = lease_of(table.take("m", [7, 8, 9]))  # nothing shared: the slot's state is saved
+    assert (b.cached, b.saved, b.restored) == (0, 4, 0)
+    table.finish(b, [7, 8, 9, 10], 100)
+    a2 = lease_of(table.take("m", [1, 2, 3, 4, 5]))  # saved b's, restored a's
+    assert (a2.cached, a2.evaluated, a2.saved, a2.restored) == (4, 1, 4, 4)
+    table.finish(a2, [1, 2, 3, 4, 5, 6], 100)
+    model = table.resident("m")
+    assert model is not None and model.cache is not None
+    assert model.cache.entries == [(7, 8, 9, 10)]  # a restore moves the state out
+    a3 = lease_of(table.take("m", [1, 2, 3, 4, 5, 6, 7]))  # its own slot: no copy
+    assert (a3.cached, a3.saved, a3.restored) == (6, 0, 0)
+    table.finish(a3, [1, 2, 3, 4, 5, 6, 7, 8], 100)
+
+    # bounded in tokens, the oldest go first, the newest always stays
+    c = lease_of(table.take("m", [20, 21]))
+    assert (c.saved, model.cache.tokens) == (8, 8)  # 4 + 8 > 10: the oldest, (7..10), went
+    assert model.cache.entries == [tuple(range(1, 9))]
+    table.finish(c, list(range(20, 32)), 100)
+    lease_of(table.take("m", [30]))
+    assert model.cache.entries == [tuple(range(20, 32))]  # 12 > 10 tokens, kept alone
+
+    table.configure(num_parallel=1, max_loaded=0, cache_tokens=0)
+    assert model.cache is None  # turned off: dropped
+    table.configure(num_parallel=0, max_loaded=0, cache_tokens=10)
+    assert model.cache is None  # no slots, nothing to save
+    table.configure(num_parallel=1, max_loaded=0, cache_tokens=10)
+    assert model.cache is not None and model.cache.entries == []
+    table.unload("m")
+    assert resident(table, "m", [1, 2, 3]).cached == 0  # and it goes with the model
+
+
+def test_embedding_models_get_one_slot(clock: Clock) -> None:
+    table = SlotTable(num_parallel=4, single=lambda name: name == "e", clock=clock)
+    first = resident(table, "e", [])
+    assert (first.slot is not None, first.evaluated, first.generating) == (True, 0, False)
+    assert table.take("e", []) == Wait("slot")
+    assert len(resident(table, "m", [1]).model.slots) == 4
+    table.configure(num_parallel=2, max_loaded=0)
+    assert [len(m.slots) for m in (first.model, table.resident("m"))] == [1, 2]  # type: ignore[union-attr]
 
 
 def test_one_slot_takes_the_shared_prefix_of_any_conversation(clock: Clock) -> None:

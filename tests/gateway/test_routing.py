@@ -133,7 +133,10 @@ async def test_a_conversation_stays_on_the_node_that_holds_it() -> None:
                     placed[i].append(node)
                     if turn:
                         assert route == "affinity"
-                        follow_up_counts.append(final["prompt_eval_count"])
+                        # prompt_eval_count counts the whole prompt; its duration,
+                        # the emulator's modelled one, only what was evaluated
+                        rate = PERF["prompt_rate"]
+                        follow_up_counts.append(final["prompt_eval_duration"] * rate / 1e9)
                     history += [
                         {"role": "assistant", "content": reply},
                         {"role": "user", "content": f"and then {turn}?"},

@@ -370,7 +370,13 @@ class Router:
                 held_seconds=self.clock() - route.started,
             )
             self.rates.learn(
-                node.name, key, held, expected_cold=route.expected_cold, cached=route.cached_tokens
+                node.name,
+                key,
+                held,
+                expected_cold=route.expected_cold,
+                cached=route.cached_tokens,
+                prompt_tokens=route.prompt.total_tokens,
+                conversation=route.prompt.conversation,
             )
             self.table.finished(node, key, held, probe=route.probe, ahead=route.ahead)
         if route.prompt.hashes:
