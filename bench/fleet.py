@@ -1,6 +1,10 @@
-"""olmd's routing benchmark: multi-turn chats on three emulated nodes, four ways to route.
+"""olmd's routing benchmark: multi-turn chats on three emulated nodes, several ways to route.
 
-    .venv/bin/python bench/fleet.py [--quick] [--users N] [--parallel N] ...
+    .venv/bin/python bench/fleet.py [--workload NAME|all] [--quick] [--users N] ...
+
+Five workloads (bench/fleet_workloads.py; ``all``, the default, runs each in turn):
+``spread``, ``one-model``, ``contention``, ``ollama-defaults`` and
+``ollama-defaults-cache``, each held to its own targets.
 
 Three ``olmd emulate`` nodes with Ollama's performance model switched on (slots per
 model with a KV cache each, chosen as llama-server chooses them, its host-RAM prompt
@@ -36,6 +40,7 @@ import aiohttp
 import fleet_report as report
 from fleet_load import User, Workload, build_users, oracle_homes, run_users
 from fleet_report import Peer
+from fleet_workloads import PRESETS, Preset
 from procs import LOOPBACK, Processes, cpu_pressure_us, cpu_seconds, free_port, wait_http
 from run import clean_env, configure_emulators, nginx_conf, olmd_bin
 
@@ -43,7 +48,6 @@ from daemon.cli.common import run_async  # uvloop when installed, as olmd runs
 
 HERE = Path(__file__).resolve().parent
 MODELS = ("llama3.1:8b", "qwen3:8b")
-PLACEMENT = (MODELS[0], MODELS[0], MODELS[1])  # the model each node is warmed on
 NGINX_HINT = "apt-get install -y nginx"
 Urls = tuple[Callable[[User], str], Callable[[User, str | None], str | None]]
 
@@ -51,14 +55,15 @@ Urls = tuple[Callable[[User], str], Callable[[User, str | None], str | None]]
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
+    add("--workload", default="all", choices=["all", *PRESETS], help="which workload (all)")
     add("--quick", action="store_true", help="a smoke run: 12 users, 4 turns, shorter deadline")
-    add("--users", type=int, default=24, help="users, a quarter on the second model (24)")
+    add("--users", type=int, help="users (default: the workload's)")
     add("--turns", type=int, default=6, help="turns per conversation (6)")
-    add("--parallel", type=int, help="slots per model and node (default: users per node)")
+    add("--parallel", type=int, help="slots per model and node (default: the workload's)")
     add("--prompt-rate", type=float, default=2000.0, help="prompt tokens/s per slot (2000)")
     add("--token-delay", type=float, default=0.01, help="seconds per generated token (0.01)")
     add("--tokens", type=int, default=20, help="tokens per answer (20)")
-    add("--load-delay", type=float, default=2.0, help="cold load seconds (2.0)")
+    add("--load-delay", type=float, help="cold load seconds (default: the workload's)")
     add(
         "--cache-tokens",
         type=int,
@@ -71,20 +76,36 @@ def parse_args() -> argparse.Namespace:
     add("--seed", type=int, default=7)
     add("--deadline", type=float, default=40.0, help="seconds of load per peer, at most (40)")
     add("--request-timeout", type=float, default=30.0, help="per request (30)")
-    add("--peers", default=",".join(report.PEERS), help="comma-separated subset to run")
+    add("--peers", help="comma-separated subset to run (default: the workload's)")
     add("--out", type=Path, default=HERE, help="where fleet_results.md/.json go (bench/)")
     args = parser.parse_args()
     if args.quick:
-        args.users, args.turns = min(args.users, 12), min(args.turns, 4)
+        args.turns = min(args.turns, 4)
         args.deadline = min(args.deadline, 15.0)
-    args.peers = [p for p in args.peers.split(",") if p]
-    if unknown := sorted(set(args.peers) - set(report.PEERS)):
-        parser.error(f"unknown peers {unknown}; expected some of {list(report.PEERS)}")
+    if args.peers is not None:
+        args.peers = [p for p in args.peers.split(",") if p]
+        if unknown := sorted(set(args.peers) - set(report.PEERS)):
+            parser.error(f"unknown peers {unknown}; expected some of {list(report.PEERS)}")
     if not 1 <= (args.parallel or 1) <= 64 or not 1 <= args.deadline <= 300:
         parser.error("--parallel must be within 1..64 and --deadline within 1..300 s")
-    if not 1 <= args.request_timeout <= 300 or args.load_delay > 30:
+    if not 1 <= args.request_timeout <= 300 or (args.load_delay or 0) > 30:
         parser.error("--request-timeout must be within 1..300 s, --load-delay at most 30 s")
     return args
+
+
+def for_preset(args: argparse.Namespace, preset: Preset) -> argparse.Namespace:
+    """The run's arguments for one workload: the preset's, unless given on the command line."""
+    out = argparse.Namespace(**vars(args))
+    out.preset = preset
+    out.users = args.users or (min(preset.users, 12) if args.quick else preset.users)
+    out.parallel = args.parallel or preset.parallel
+    out.load_delay = preset.load_delay if args.load_delay is None else args.load_delay
+    out.cache_tokens = preset.cache_tokens if args.cache_tokens is None else args.cache_tokens
+    out.peers = args.peers or list(preset.peers)
+    out.placement = preset.placement
+    if args.workload == "all":
+        out.out = args.out / "fleet" / preset.name
+    return out
 
 
 def workload(args: argparse.Namespace) -> Workload:
@@ -92,7 +113,7 @@ def workload(args: argparse.Namespace) -> Workload:
         users=args.users,
         turns=args.turns,
         models=MODELS,
-        second_share=0.25,
+        second_share=args.preset.second_share,
         system_tokens=args.system_tokens,
         first_tokens=args.first_tokens,
         followup_tokens=args.followup_tokens,
@@ -110,7 +131,7 @@ def performance(args: argparse.Namespace) -> dict[str, Any]:
         "token_delay": args.token_delay,
         "tokens": args.tokens,
         "load_delay": args.load_delay,
-        "max_loaded": 1,
+        "max_loaded": args.preset.max_loaded,
     } | ({} if args.cache_tokens is None else {"cache_tokens": args.cache_tokens})
 
 
@@ -134,8 +155,8 @@ def get_json(url: str) -> dict[str, Any]:
 
 
 def start_nodes(procs: Processes, args: argparse.Namespace, cpu: int | None) -> list[int]:
-    """Three fresh emulators, configured, each warmed on its PLACEMENT model."""
-    ports = [free_port() for _ in PLACEMENT]
+    """Three fresh emulators, configured, each warmed on its placement model."""
+    ports = [free_port() for _ in args.placement]
     for i, port in enumerate(ports):
         argv = [olmd_bin(), "--log-format", "json", "--log-level", "warning", "emulate"]
         argv += ["--host", LOOPBACK, "--port", str(port), "--name", f"node-{i}"]
@@ -155,7 +176,7 @@ def start_nodes(procs: Processes, args: argparse.Namespace, cpu: int | None) -> 
         timeout = aiohttp.ClientTimeout(total=args.load_delay + 15)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             await asyncio.gather(
-                *(warm(session, p, m) for p, m in zip(ports, PLACEMENT, strict=True))
+                *(warm(session, p, m) for p, m in zip(ports, args.placement, strict=True))
             )
 
     run_async(warm_all())
@@ -165,7 +186,7 @@ def start_nodes(procs: Processes, args: argparse.Namespace, cpu: int | None) -> 
 def olmd_settings(port: int, nodes: list[int], strategy: str, args: argparse.Namespace) -> str:
     node_tables = "".join(
         f'\n[[services.ollama.nodes]]\nname = "node-{i}"\nhost = "{LOOPBACK}"\nport = {p}\n'
-        "max_loaded_models = 1\n"
+        f"max_loaded_models = {args.preset.max_loaded}\n"
         for i, p in enumerate(nodes)
     )
     return f"""\
@@ -237,8 +258,8 @@ def start_nginx(procs: Processes, work: Path, nodes: list[int], cpu: int | None)
 # ---------------------------------------------------------------- one peer
 
 
-def oracle_urls(users: list[User], nodes: list[int]) -> Urls:
-    home = oracle_homes(users, PLACEMENT)
+def oracle_urls(users: list[User], nodes: list[int], placement: tuple[str, ...]) -> Urls:
+    home = oracle_homes(users, placement)
     return (
         lambda u: f"http://{LOOPBACK}:{nodes[home[u.index]]}",
         lambda u, _: f"node-{home[u.index]}",
@@ -258,7 +279,7 @@ def run_peer(
     by_addr = {f"{LOOPBACK}:{p}": f"node-{i}" for i, p in enumerate(nodes)}
     pid = None
     if name == "oracle":
-        url_for, node_for = oracle_urls(users, nodes)
+        url_for, node_for = oracle_urls(users, nodes, args.placement)
         peer.note = "client-side: each user straight to a node warmed on its model"
     else:
         if name == "nginx":
@@ -298,13 +319,14 @@ def machine_facts(args: argparse.Namespace, pinning: str, w: Workload) -> dict[s
     ).stdout.strip()
     second = round(w.users * w.second_share)
     return {
+        "workload": f"{args.preset.name}: {args.preset.title}",
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "machine": f"nproc {os.cpu_count()}, {model}, Linux {platform.release()}",
         "python": f"{platform.python_version()}, aiohttp {aiohttp.__version__}",
         "olmd": version or "?",
         "pinning": pinning,
         "nodes": f"3 x `olmd emulate` with {', '.join(MODELS)}; warmed on "
-        + ", ".join(f"node-{i} {m}" for i, m in enumerate(PLACEMENT))
+        + ", ".join(f"node-{i} {m}" for i, m in enumerate(args.placement))
         + "; restarted for every peer",
         "performance model": ", ".join(f"{k}={v}" for k, v in performance(args).items()),
         "users": f"{w.users} ({w.users - second} on {MODELS[0]}, {second} on {MODELS[1]}), "
@@ -315,29 +337,35 @@ def machine_facts(args: argparse.Namespace, pinning: str, w: Workload) -> dict[s
         "/api/chat, each reply appended to the history",
         "olmd settings": f"parallel={args.parallel}, probe_interval=1, "
         f"cold_load_seconds={args.load_delay:g}, affinity_entries_per_slot=1, "
-        "max_loaded_models=1 per node",
+        f"max_loaded_models={args.preset.max_loaded} per node",
         "bounds": f"{args.request_timeout:g} s per request, {args.deadline:g} s of load per peer",
     }
 
 
-def run(args: argparse.Namespace, registry: list[Processes], work: Path) -> int:
-    node_cpu, proxy_cpu, pinning = choose_cpus()
-    print(pinning)
+def run(
+    args: argparse.Namespace, registry: list[Processes], work: Path, cpus: tuple[Any, Any, str]
+) -> dict[str, Any]:
+    """One workload through every peer; its results (also written to args.out)."""
+    node_cpu, proxy_cpu, pinning = cpus
+    print(f"workload {args.preset.name}: {args.preset.title}", flush=True)
     w = workload(args)
     users = build_users(w)
     # Enough slots that the oracle keeps every conversation's cache: with fewer, even a
     # perfect router loses them, and the run would measure slot thrashing, not routing.
-    args.parallel = args.parallel or max(Counter(oracle_homes(users, PLACEMENT).values()).values())
+    homes = oracle_homes(users, args.placement)
+    args.parallel = args.parallel or max(Counter(homes.values()).values())
     meta = machine_facts(args, pinning, w)
     t0, pressure_before = time.monotonic(), cpu_pressure_us()
     peers: dict[str, Peer] = {}
     for name in args.peers:
         print(f"peer {name} ...", flush=True)
-        (work / name).mkdir()
-        procs = Processes(work / name)
+        (work / args.preset.name / name).mkdir(parents=True)
+        procs = Processes(work / args.preset.name / name)
         registry.append(procs)
         try:
-            peer = run_peer(name, args, users, procs, work / name, (node_cpu, proxy_cpu))
+            peer = run_peer(
+                name, args, users, procs, work / args.preset.name / name, (node_cpu, proxy_cpu)
+            )
         finally:
             procs.stop_all()
         peers[name] = peer
@@ -350,7 +378,7 @@ def run(args: argparse.Namespace, registry: list[Processes], work: Path) -> int:
 
     summaries = {name: report.summarize(peer) for name, peer in peers.items()}
     rows = report.table_rows(summaries)
-    targets = report.evaluate(summaries, len(PLACEMENT))
+    targets = report.evaluate(summaries, len(args.placement), args.preset.targets)
     notes = report.observations(summaries)
     print(f"\n{report.render_text(rows)}\n\n{report.render_targets(targets)}\n")
     print("\n".join(notes))
@@ -358,13 +386,14 @@ def run(args: argparse.Namespace, registry: list[Processes], work: Path) -> int:
     (args.out / "fleet_results.md").write_text(report.render_markdown(meta, rows, targets, notes))
     data = {
         **meta,
-        "parameters": vars(args) | {"out": str(args.out)},
+        "parameters": {k: v for k, v in vars(args).items() if k != "preset"}
+        | {"out": str(args.out), "workload": args.preset.name},
         "targets": targets,
         "peers": {n: report.peer_json(p, summaries[n]) for n, p in peers.items()},
     }
     (args.out / "fleet_results.json").write_text(json.dumps(data, indent=1) + "\n")
     print(f"\nwritten: {args.out / 'fleet_results.md'}, {args.out / 'fleet_results.json'}")
-    return 0
+    return {"meta": meta, "rows": rows, "targets": targets}
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -380,7 +409,15 @@ def main() -> int:
         work = Path(tmp)
         work.chmod(0o755)  # nginx's worker may run as another user
         try:
-            return run(args, registry, work)
+            cpus = choose_cpus()
+            print(cpus[2])
+            names = list(PRESETS) if args.workload == "all" else [args.workload]
+            results = {n: run(for_preset(args, PRESETS[n]), registry, work, cpus) for n in names}
+            if len(results) > 1:
+                summary = report.render_summary(results)
+                (args.out / "fleet_results.md").write_text(summary)
+                print(f"\n{summary}\nwritten: {args.out / 'fleet_results.md'}")
+            return 0
         except KeyboardInterrupt:
             print("\ninterrupted", file=sys.stderr)
             return 130
