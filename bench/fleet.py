@@ -199,7 +199,7 @@ strategy = "{strategy}"
 parallel = {args.parallel}
 probe_interval = 1
 cold_load_seconds = {args.load_delay}
-affinity_entries_per_slot = 1  # the emulator's slots keep one conversation each
+affinity_entries_per_slot = {args.preset.entries_per_slot}
 queue_limit = 1024
 queue_timeout = {args.request_timeout}
 
@@ -336,7 +336,8 @@ def machine_facts(args: argparse.Namespace, pinning: str, w: Workload) -> dict[s
         f"~{w.first_tokens} tokens, follow-ups ~{w.followup_tokens} tokens; streamed "
         "/api/chat, each reply appended to the history",
         "olmd settings": f"parallel={args.parallel}, probe_interval=1, "
-        f"cold_load_seconds={args.load_delay:g}, affinity_entries_per_slot=1, "
+        f"cold_load_seconds={args.load_delay:g}, "
+        f"affinity_entries_per_slot={args.preset.entries_per_slot}, "
         f"max_loaded_models={args.preset.max_loaded} per node",
         "bounds": f"{args.request_timeout:g} s per request, {args.deadline:g} s of load per peer",
     }

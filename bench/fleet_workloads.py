@@ -38,6 +38,9 @@ class Preset:
     placement: tuple[str, str, str]  # the model each node is warmed on
     peers: tuple[str, ...]
     targets: Targets
+    # olmd's affinity_entries_per_slot: the conversations a node remembers per slot. One
+    # where the slots alone count; more where llama-server's host-RAM cache keeps others.
+    entries_per_slot: int = 1
 
 
 _PINNED = Targets(1 / 3, 1.25, 1.5, cold_loads=True)
@@ -67,7 +70,7 @@ PRESETS = {
         Preset(
             "ollama-defaults-cache", "Ollama's defaults with llama-server's host-RAM prompt "
             "cache (8 GiB)", 12, 1, 3.0, 0.25, 3, None, (A, A, B),
-            ("nginx", "adaptive", "oracle"), Targets(0.4),
+            ("nginx", "adaptive", "oracle"), Targets(0.4), entries_per_slot=16,
         ),
     )
 }  # fmt: skip
