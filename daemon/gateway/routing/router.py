@@ -406,7 +406,8 @@ class Router:
     def describe(self, node: Node) -> dict[str, Any]:
         """Routing's view of ``node`` for ``/admin/nodes``."""
         return {
-            "slots": self.slots(node),
+            # What olmd runs there at once: configured, or the most learned for a model.
+            "slots": max([self.slots(node), *node.learned_slots.values()]),
             "slots_configured": self.table.configured(node) is not None,
             "slots_learned": dict(sorted(node.learned_slots.items())),
             "slots_in_use": dict(sorted(node.busy.items())),

@@ -38,5 +38,5 @@ async def test_a_node_is_learned_as_the_slots_it_decodes_at_once(slots: int, str
             assert fleet_node.learned_slots.get(MODEL, 1) == slots
             async with http.get(url + "/admin/nodes") as resp:
                 [view] = (await resp.json())["nodes"]
-            assert view["slots_configured"] is False
+            assert view["slots_configured"] is False and view["slots"] == slots
             assert view["slots_learned"].get(MODEL, 1) == slots
