@@ -9,8 +9,9 @@ served), so an idle spell earns no credit: a tenant with 24 requests waiting and
 1 take turns, and weights 2 : 1 get slots 2 : 1.
 
 Headroom: while interactive requests for a model were seen in the last ``window``
-seconds, batch requests leave ``reserve`` slots free across the model's holders, so a chat
-turn usually finds a slot at once. With no interactive traffic batch takes every slot.
+seconds, batch requests leave ``reserve`` slots free across the model's holders (the
+router counts interactive requests running against it), so a chat turn usually finds a
+slot at once. With no interactive traffic batch takes every slot.
 """
 
 from __future__ import annotations

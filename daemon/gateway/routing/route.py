@@ -42,6 +42,7 @@ class Route:
     counted: bool = True  # holds a slot (a cloud model's request holds none)
     ahead: int = 0  # olmd's requests on the node for the model when this one was sent
     probe: bool = False  # one more than the node's learned slots: to learn its figure
+    interactive: bool = True  # an interactive tenant's (counts against the headroom)
 
 
 @dataclass(frozen=True, slots=True)

@@ -69,6 +69,7 @@ class Router:
         self.rates = Rates(_defaults(routing))
         self.sessions: OrderedDict[str, str] = OrderedDict()
         self.table = Slots(routing, clock)
+        self.interactive: dict[str, int] = {}  # model → interactive requests in flight
         self.recent_pins: dict[str, str] = {}  # pins since the cluster last published
         self.share_pins = False  # set while a cluster shares them
         self.fair = FairShares(routing.interactive_window, routing.interactive_reserve)
@@ -211,15 +212,21 @@ class Router:
         node.in_flight += 1
         node.busy[key] = node.busy.get(key, 0) + 1
         route.started = self.clock()
+        if share.batch:
+            route.interactive = False
+        else:
+            self.interactive[key] = self.interactive.get(key, 0) + 1
         if request.runner or key in node.runners:
             node.runners[key] = dict(request.runner)  # loaded (or reloaded) with these
         return route
 
     def _in_headroom(self, share: Share, key: str, nodes: list[Node]) -> bool:
-        """Whether the model's free slots are all kept for interactive requests now. The
-        headroom never takes every slot: batch keeps at least one."""
-        reserve = self.fair.reserve_for(share, key, self.clock())
-        if not reserve:
+        """Whether the model's free slots are all kept for interactive requests now. An
+        interactive request running takes its place in the headroom (the reserve is one
+        slot's worth of batch throughput, not more), and the headroom never takes every
+        slot: batch keeps at least one."""
+        reserve = self.fair.reserve_for(share, key, self.clock()) - self.interactive.get(key, 0)
+        if reserve <= 0:
             return False
         extra = self.routing.overcommit
         total = sum(self.slots(n, key) + extra for n in nodes)
@@ -346,6 +353,12 @@ class Router:
             node.probing.discard(key)  # unanswered (failed, client gone): no lesson
         if not route.counted:
             return
+        if route.interactive:
+            left = self.interactive.get(key, 0) - 1
+            if left > 0:
+                self.interactive[key] = left
+            else:
+                self.interactive.pop(key, None)
         left = node.busy.get(key, 0) - 1
         if left > 0:
             node.busy[key] = left
