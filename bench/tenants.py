@@ -32,6 +32,7 @@ from typing import Any
 import aiohttp
 import tenants_report as report
 from fleet import choose_cpus, get_json, nginx_path, olmd_settings, start_nginx
+from fleet_workloads import PRESETS
 from procs import LOOPBACK, Processes, cpu_pressure_us, cpu_seconds, free_port, wait_http
 from run import clean_env, configure_emulators, olmd_bin
 from tenants_load import BatchRequest, Workload, run_load
@@ -140,6 +141,15 @@ def start_nodes(procs: Processes, args: argparse.Namespace, cpu: int | None) -> 
     return ports
 
 
+def settings(port: int, nodes: list[int], args: argparse.Namespace, *, tenants: bool) -> str:
+    """olmd's settings: bench/fleet.py's for its one-model workload (adaptive, one resident
+    model per node, one conversation remembered per slot), and for the tenants peer the
+    headroom and the two tenants."""
+    fleet_args = argparse.Namespace(**vars(args), preset=PRESETS["one-model"])
+    text = olmd_settings(port, nodes, "adaptive", fleet_args)
+    return tenants_settings(text, args) if tenants else text
+
+
 def tenants_settings(base: str, args: argparse.Namespace) -> str:
     """``base`` (olmd's settings without tenants) plus the headroom and the two tenants."""
     head, jobs, tail = base.partition("\n[jobs.ollama_sync]")
@@ -211,10 +221,9 @@ def run_peer(
         peer.note = "worker_processes 1, round-robin upstream, keepalive, proxy_buffering off"
     else:
         port, config, env = free_port(), work / "olmd.toml", olmd_env(name == "tenants")
-        text = olmd_settings(port, nodes, "adaptive", args)
+        text = settings(port, nodes, args, tenants=name == "tenants")
         peer.note = f"olmd serve, adaptive, parallel {args.parallel}, no keys"
         if name == "tenants":
-            text = tenants_settings(text, args)
             chat_headers = {"Authorization": f"Bearer {KEYS['chat']}"}
             batch_headers = {"Authorization": f"Bearer {KEYS['batch']}"}
             peer.note = (
@@ -315,9 +324,11 @@ def run(args: argparse.Namespace, registry: list[Processes], work: Path) -> int:
     meta["run"] = f"{elapsed:.0f} s in all; {noise}" + (" (--quick)" if args.quick else "")
 
     def batch_service(request: BatchRequest) -> float:
-        """Seconds a batch request holds its slot, by the emulators' performance model."""
-        prompt = (request.prompt_chars + len("user\n\n")) / 4 / args.prompt_rate
-        return float(prompt + args.tokens * args.token_delay)
+        """Seconds a batch request holds its slot, by the emulators' performance model: its
+        prompt, saving the slot's previous occupant (a document about as long) to the
+        host-RAM cache at ten times the prompt rate, then its answer."""
+        tokens = (request.prompt_chars + len("user\n\n")) / 4
+        return float(1.1 * tokens / args.prompt_rate + args.tokens * args.token_delay)
 
     summaries = {name: report.summarize(peer, w, batch_service) for name, peer in peers.items()}
     rows = report.table_rows(summaries)
