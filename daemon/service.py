@@ -85,7 +85,7 @@ async def _start(runner: web.AppRunner, stop: asyncio.Event) -> None:
 def _announce(settings: Settings, port: int) -> None:
     server = settings.server
     log.info("listening", host=server.host, port=port, nodes=len(settings.nodes()))
-    if settings.api_keys:
+    if settings.api_keys or server.keys_file is not None or server.tenant_header:
         return
     if server.host in ("127.0.0.1", "::1", "localhost"):
         log.info("no_api_keys", host=server.host, note="LLM routes are open to this machine only")

@@ -150,28 +150,32 @@ class SharedQuota:
     async def flush(
         self, usage: Mapping[tuple[str, str, str, str], float], period_seconds: Mapping[str, int]
     ) -> bool:
-        """Send what answers used and the usage counts; False (kept for later) if Redis is
-        down. Also counts the live gateways."""
+        """Send what answers used and the usage counts; False if the usage counts were not
+        sent (the caller keeps them for the next flush). Each settlement leaves the
+        pending ones only once Redis took it, so nothing is sent twice."""
         if self._settle is None:
             self._settle = self.cluster.redis.register_script(_SETTLE)
-        pending, self._pending = self._pending, {}
         try:
-            for (tenant, start), (delta, used) in pending.items():
+            for (tenant, start), entry in list(self._pending.items()):
                 config = self._configs[tenant]
                 keys = self._keys(tenant, start)
                 ttl = int((period_seconds.get(tenant, 86400) + 86400) * 1000)
+                delta, used = entry
                 args = [config.tokens_per_minute, delta, used, _BUCKET_TTL_MS, ttl]
                 await self._run_settle([keys[1], keys[2]], args)
+                entry[0] -= delta  # what arrived meanwhile stays pending
+                entry[1] -= used
+                if entry == [0, 0]:
+                    self._pending.pop((tenant, start), None)
             if usage:
                 await self.cluster.call(lambda r: self._add_usage(r, usage))
+        except ClusterDown:
+            return False
+        try:
             members = await self.cluster.call(lambda r: r.scard(self.cluster.key("gateways")))
             self.gateways = max(1, int(members or 1))
         except ClusterDown:
-            for key, (delta, used) in pending.items():  # sent again next time
-                entry = self._pending.setdefault(key, [0, 0])
-                entry[0] += delta
-                entry[1] += used
-            return False
+            pass  # the usage went: only the count of gateways is stale
         return True
 
     async def _run_settle(self, keys: list[str], args: list[int]) -> None:

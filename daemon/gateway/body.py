@@ -84,6 +84,10 @@ def parse_json(raw: bytes) -> Body:
         raise BadBody("invalid JSON in the request body") from None
     if not isinstance(payload, dict):
         raise BadBody("the request body must be a JSON object")
+    # Ollama's decoder matches keys ignoring case, the last one winning: a "MODEL" beside
+    # "model" would run another model than the one olmd checked and routed.
+    if any(k.lower() in ("model", "name") and k not in ("model", "name") for k in payload):
+        raise BadBody('the model is named by a key in another letter case; use "model"')
     key = "model" if payload.get("model") else "name"
     name = payload.get(key)
     if not isinstance(name, str) or not name:

@@ -140,7 +140,9 @@ class Proxy:
         if not tenancy.allows(tenant, key):
             # As a model no node has: the tenant learns nothing of what others may use.
             tenancy.refused(tenant, key)
-            return model_not_found(dialect, body.name)
+            answer = model_not_found(dialect, body.name)
+            answer.headers.update(tenancy.headers(tenant))
+            return answer
         estimate = route_request.prompt_tokens or (0 if body.is_form else len(body.raw) // 4)
         admitted = await tenancy.admit(tenant, key, estimate)
         if isinstance(admitted, Refusal):
@@ -207,6 +209,7 @@ class Proxy:
                         return model_not_found(endpoint.dialect, body.name)
                     extra = {"Retry-After": str(int(exc.retry_after))} if exc.retry_after else {}
                     if exc.status == 429 and ticket is not None:  # the tenant's queue_limit
+                        self.metrics.tenant_rate_limited.labels(ticket.tenant, "queue").inc()
                         refusal = Refusal("queue", exc.message, exc.retry_after or 1)
                         return rate_limited(refusal, endpoint.dialect, ticket.headers)
                     return error(exc.status, exc.message, **extra)

@@ -55,8 +55,8 @@ def identify(
 ) -> web.Response | None:
     """Name the tenant in ``request[TENANT]``, or the refusal (401 without a valid key,
     403 for a trusted header naming no tenant)."""
-    directory = tenancy.directory
-    if token is not None and len(directory):
+    required = tenancy.keys_required
+    if token is not None and required:
         tenant = tenancy.tenant_of_key(token)
         if tenant is None and is_admin(token):
             tenant = DEFAULT_TENANT
@@ -72,7 +72,7 @@ def identify(
                 return error(403, f"{header} names no tenant olmd knows")
             request[TENANT] = name
             return None
-    if len(directory) and not (token is not None and is_admin(token)):
+    if required and not (token is not None and is_admin(token)):
         return _unauthorised(error)
     request[TENANT] = DEFAULT_TENANT
     return None

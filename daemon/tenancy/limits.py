@@ -178,17 +178,25 @@ class TenantLimits:
         self.in_flight += 1
         self.budget_held += estimate if self.config.budget_tokens else 0
 
-    def finish(self, estimate: int, used: int | None, now: float, wall: float) -> None:
-        """A request ended; ``used`` is what its answer said (None: it said nothing, and
-        the estimate stands when the answer came, nothing when it failed)."""
-        self.in_flight -= 1
+    def unadmitted(self, estimate: int) -> None:
+        """Take back :meth:`admitted` (the cluster refused the request)."""
+        self.in_flight = max(0, self.in_flight - 1)
+        if self.config.budget_tokens:
+            self.budget_held = max(0, self.budget_held - estimate)
+
+    def finish(
+        self, estimate: int, used: int | None, now: float, wall: float, *, local: bool = True
+    ) -> None:
+        """A request ended; ``used`` is what its answer said (None: nothing was answered,
+        and the estimate is given back). ``local``: this gateway's buckets admitted it."""
+        self.in_flight = max(0, self.in_flight - 1)  # a tenant re-added by a reload
         if self.config.budget_tokens:
             self.budget_held = max(0, self.budget_held - estimate)
             self._period(wall)
             self.budget_used += used or 0
-        if self.tokens is not None and used is not None:
+        if local and self.tokens is not None:
             self.tokens.refill(now)
-            self.tokens.level -= used - estimate
+            self.tokens.level -= (used or 0) - estimate
 
     def headers(
         self, requests_left: float | None = None, tokens_left: float | None = None

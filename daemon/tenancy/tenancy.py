@@ -56,7 +56,7 @@ class Ticket:
     node: str = ""
     route: str = ""
     ttft: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    by_cluster: bool = False  # admitted by the cluster's shared limits, settled there
 
 
 @dataclass(slots=True)
@@ -107,7 +107,9 @@ class Tenancy:
         self.directory: KeyDirectory = directory
         self.tenants = tenants
         self.settings = settings
-        self.enabled = bool(settings.tenants or len(directory) or settings.server.tenant_header)
+        # A keys file makes keys required, even with no key left in it (all revoked).
+        self.keys_required = bool(len(directory) or settings.server.keys_file)
+        self.enabled = bool(settings.tenants or self.keys_required or settings.server.tenant_header)
         self.trusted = tuple(
             ipaddress.ip_network(p, strict=False) for p in settings.server.trusted_proxies
         )
@@ -164,21 +166,27 @@ class Tenancy:
         entry = self.tenants[tenant]
         limits = entry.limits
         now, wall = self.clock(), self.wall()
+        if limits.tokens is not None:  # a huge body must not empty the bucket for minutes
+            estimate = min(estimate, limits.config.tokens_per_minute)
         shared = self.shared
         refusal: Refusal | None = None
         headers: dict[str, str] | None = None
+        by_cluster = False
         if shared is not None and limits.shared:
             config = limits.config
             if config.max_in_flight and limits.in_flight >= config.max_in_flight:
                 refusal = limits.refusal("in_flight", 1.0, wall)
             else:
+                limits.admitted(estimate)  # counted before the await: others see it
                 answer = await shared.take(config, estimate, limits.period_start(wall))
+                if answer is None or answer.refused is not None:
+                    limits.unadmitted(estimate)
                 if answer is None:  # Redis is down: this gateway's share, alone
                     limits.set_share(1 / max(1, shared.gateways), now)
                 elif answer.refused is not None:
                     refusal = limits.refusal(answer.refused, answer.wait, wall)
                 else:
-                    limits.admitted(estimate)
+                    by_cluster = True
                     headers = limits.headers(answer.requests_left, answer.tokens_left)
                 if answer is not None:
                     limits.set_share(1.0, now)
@@ -189,7 +197,9 @@ class Tenancy:
             self.refused(tenant, model, refusal)
             return refusal
         self.metrics.tenant_in_flight.labels(tenant).inc()
-        return Ticket(tenant, model, estimate, entry.share, headers or {}, now)
+        ticket = Ticket(tenant, model, estimate, entry.share, headers or {}, now)
+        ticket.by_cluster = by_cluster
+        return ticket
 
     def headers(self, tenant: str) -> dict[str, str]:
         """The rate-limit headers of ``tenant`` now (for a refusal)."""
@@ -223,12 +233,14 @@ class Tenancy:
             used = ticket.estimate  # an answer without counts: its estimate stands
         if entry is not None:
             limits = entry.limits
-            limits.finish(ticket.estimate, used, now, wall)
+            # Settled where it was admitted: this gateway's buckets, or the cluster's. A
+            # failed answer gives its estimate back.
+            limits.finish(ticket.estimate, used, now, wall, local=not ticket.by_cluster)
             if limits.config.budget_tokens:
                 self.book.budgets[ticket.tenant] = (limits.budget_start, limits.budget_used)
-            if self.shared is not None and limits.shared and used is not None:
-                delta = used - ticket.estimate
-                self.shared.settle(limits.config, delta, used, limits.period_start(wall))
+            if ticket.by_cluster and self.shared is not None:
+                delta = (used or 0) - ticket.estimate
+                self.shared.settle(limits.config, delta, used or 0, limits.period_start(wall))
         tenant, model, m = ticket.tenant, ticket.model, self.metrics
         m.tenant_in_flight.labels(tenant).dec()
         m.tenant_requests.labels(tenant, model, str(status)).inc()
@@ -295,8 +307,12 @@ class Tenancy:
             return
         pending = self.book.take_pending()
         periods = {n: period_seconds(e.config.budget_period) for n, e in self.tenants.items()}
-        if not await self.shared.flush(pending, periods):
-            self.book.restore_pending(pending)
+        sent = False
+        try:
+            sent = await self.shared.flush(pending, periods)
+        finally:  # also when cancelled at stop: the counts wait for the next flush
+            if not sent:
+                self.book.restore_pending(pending)
 
     async def shared_days(self, since: str) -> dict[str, Any] | None:
         """Every gateway's usage from ``since`` (a cluster's, from Redis); None without a

@@ -176,3 +176,31 @@ async def test_a_tenant_header_counts_only_from_trusted_proxies(
                     if resp.status == 200:
                         assert resp.headers["x-ratelimit-limit-requests"] == "100"
             assert tuple(statuses) == expected
+
+
+async def test_a_keys_file_with_every_key_revoked_still_requires_a_key(tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys.json"
+    keys_file.write_text('{"keys": []}\n')
+    keys_file.chmod(0o600)
+    async with nodes(1, num_parallel=0, tokens=2) as emus:
+        settings = tenant_settings(emus, [{"name": "chat"}, {"name": "capped"}])
+        settings["server"]["keys_file"] = str(keys_file)
+        async with running_olmd(settings) as s, aiohttp.ClientSession() as http:
+            url = str(s.make_url("")).rstrip("/")
+            body = {"model": MODEL, "prompt": "hi", "stream": False}
+            async with http.post(url + "/api/generate", json=body) as resp:
+                assert resp.status == 401
+
+
+async def test_a_model_key_in_another_letter_case_is_refused() -> None:
+    tenants = [{"name": "chat"}, {"name": "capped", "models": ["qwen3*"]}]
+    async with nodes(1, num_parallel=0, tokens=2) as emus:
+        async with running_olmd(tenant_settings(emus, tenants)) as s:
+            url = str(s.make_url("")).rstrip("/")
+            # Ollama reads keys ignoring case, the last one winning: this would run llama.
+            raw = '{"model": "qwen3:8b", "MODEL": "llama3.1:8b", "prompt": "hi"}'
+            headers = {**bearer("capped"), "Content-Type": "application/json"}
+            async with aiohttp.ClientSession() as http:
+                async with http.post(url + "/api/generate", data=raw, headers=headers) as resp:
+                    assert resp.status == 400
+                    assert "letter case" in (await resp.json())["error"]

@@ -114,3 +114,14 @@ def test_the_usage_book_sums_days_and_survives_a_save(tmp_path: Path) -> None:
     (tmp_path / "usage.json").write_text(json.dumps({"schema_version": 9}))
     with pytest.raises(ValueError, match="not a usage record"):
         UsageBook.load(tmp_path / "usage.json")
+
+
+def test_a_failed_answer_gives_its_token_estimate_back() -> None:
+    limits = TenantLimits.of(TenantSettings(name="t", tokens_per_minute=1000), now=0)
+    assert limits.admit(800, now=0, wall=0) is None
+    limits.finish(800, None, now=0, wall=0)  # the node failed: nothing was used
+    assert limits.admit(900, now=0, wall=0) is None
+    assert limits.in_flight == 1
+    limits.finish(900, None, now=0, wall=0)
+    limits.finish(900, None, now=0, wall=0)  # a tenant re-added by a reload: never below 0
+    assert limits.in_flight == 0

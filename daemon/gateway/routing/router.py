@@ -168,8 +168,11 @@ class Router:
             node.in_flight += 1
             return Route(node, key, "cloud", counted=False, started=self.clock())
         embedding = self.table.embedding
-        if request.embedding and key not in embedding and len(embedding) < 10_000:
-            embedding.add(key)
+        if request.embedding:
+            if key not in embedding and len(embedding) < 10_000:
+                embedding.add(key)
+        elif key in embedding:  # it generates too: not an embedding-only model
+            embedding.discard(key)
         if share.batch and self._in_headroom(share, key, nodes):
             return None
         if prefer is not None:

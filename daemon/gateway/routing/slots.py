@@ -38,7 +38,9 @@ def waited_inside(sample: Sample) -> bool:
 class Slots:
     def __init__(self, routing: RoutingSettings, clock: Callable[[], float]) -> None:
         self.clock = clock
-        self.embedding: set[str] = set()  # models asked for embeddings: one slot each
+        # Models asked for embeddings and never for generations: Ollama runs embedding-only
+        # models one request at a time.
+        self.embedding: set[str] = set()
         self.configure(routing)
 
     def configure(self, routing: RoutingSettings) -> None:

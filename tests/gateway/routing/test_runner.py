@@ -75,6 +75,15 @@ async def test_embedding_models_run_one_request_at_a_time_per_node() -> None:
                 assert resp.status == 200
             router, node = server.app[GATEWAY].router, server.app[GATEWAY].fleet.get("n0")
             assert router.slots(node, EMBED) == 1 and router.slots(node, MODEL) == 4
+            # A model that generates too is not embedding-only: its slots come back.
+            body = {"model": MODEL, "input": "a"}
+            async with http.post(url + "/api/embed", json=body) as resp:
+                assert resp.status == 200
+            assert router.slots(node, MODEL) == 1
+            generate = {"model": MODEL, "prompt": "hi", "stream": False}
+            async with http.post(url + "/api/generate", json=generate) as resp:
+                assert resp.status == 200
+            assert router.slots(node, MODEL) == 4
 
 
 async def test_cloud_models_take_no_local_slot() -> None:
