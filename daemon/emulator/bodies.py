@@ -102,7 +102,7 @@ def tags_entry(name: str, digest: str, modified_ns: int) -> dict[str, Any]:
     }
 
 
-def ps_entry(name: str, digest: str, expires_ns: int) -> dict[str, Any]:
+def ps_entry(name: str, digest: str, expires_ns: int, context: int = 4096) -> dict[str, Any]:
     size = model_size(name)
     return {
         "name": name,
@@ -112,7 +112,7 @@ def ps_entry(name: str, digest: str, expires_ns: int) -> dict[str, Any]:
         "details": details(name),
         "expires_at": rfc3339(expires_ns),
         "size_vram": size,
-        "context_length": 4096,
+        "context_length": context,
     }
 
 

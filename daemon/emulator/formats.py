@@ -98,6 +98,7 @@ class Job:
     stream: bool
     limit: int | None  # num_predict or max_tokens
     keep_alive: float = KEEP_ALIVE_DEFAULT
+    context: int | None = None  # options.num_ctx: another than the runner's reloads it
     raw: bool = False
     load_only: bool = False  # an empty prompt only loads (or, keep_alive 0, unloads)
     include_usage: bool = False
@@ -169,12 +170,14 @@ def parse_job(kind: JobKind, body: dict[str, Any]) -> Job:
         )
     options = body.get("options")
     limit = options.get("num_predict") if isinstance(options, dict) else None
+    context = options.get("num_ctx") if isinstance(options, dict) else None
     return Job(
         kind,
         model,
         prompt,
         stream=body.get("stream") is not False,
         limit=limit if isinstance(limit, int) else None,
+        context=context if isinstance(context, int) and context > 0 else None,
         keep_alive=keep_alive_seconds(body.get("keep_alive")),
         raw=body.get("raw") is True,
         load_only=not (prompt if kind == "generate" else body.get("messages")),

@@ -51,7 +51,7 @@ async def _run(
     await state.admit(request)
     try:
         gated = time.perf_counter_ns()
-        lease, load_ns = await state.acquire(request, name, job.tokens, job.keep_alive)
+        lease, load_ns = await state.acquire(request, name, job.tokens, job.keep_alive, job.context)
         cfg = state.config
         holds = job.tokens[: lease.cached]  # what the slot keeps if the request stops early
         try:
@@ -115,7 +115,7 @@ async def _load_only(
         return json_response(fmt.load_reply(job, "unload"))
     await state.admit(request)
     try:
-        lease, _ = await state.acquire(request, name, None, job.keep_alive)
+        lease, _ = await state.acquire(request, name, None, job.keep_alive, job.context)
         state.finish(lease, None, job.keep_alive)
     finally:
         state.release()

@@ -122,7 +122,8 @@ async def _ps(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE_KEY]
     loaded = state.loaded
     live = sorted((m for m in loaded if state.find(m)), key=lambda m: loaded[m], reverse=True)
-    return json_response({"models": [bodies.ps_entry(m, state.digest(m), loaded[m]) for m in live]})
+    entries = [bodies.ps_entry(m, state.digest(m), loaded[m], state.context_of(m)) for m in live]
+    return json_response({"models": entries})
 
 
 async def _show(request: web.Request) -> web.StreamResponse:

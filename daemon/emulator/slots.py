@@ -24,6 +24,7 @@ from daemon.emulator.hostcache import HostCache, choose_slot
 from daemon.emulator.tokens import common_prefix
 
 WaitReason = Literal["loading", "room", "slot"]
+DEFAULT_CONTEXT = 4096  # a runner's num_ctx when the request names none
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -46,6 +47,7 @@ class Resident:
     running: int = 0  # requests using it now, generation and embedding
     expires_ns: int = 0  # ns since the epoch; only counts once nothing runs
     used: int = 0
+    context: int = DEFAULT_CONTEXT  # num_ctx its runner was loaded with (/api/ps)
 
 
 @dataclasses.dataclass(eq=False, frozen=True, slots=True)
@@ -155,7 +157,9 @@ class SlotTable:
 
     # ------------------------------------------------------------ taking and giving back
 
-    def take(self, name: str, prompt: Sequence[int] | None) -> Lease | Load | Wait:
+    def take(
+        self, name: str, prompt: Sequence[int] | None, context: int = DEFAULT_CONTEXT
+    ) -> Lease | Load | Wait:
         """Try to start a request for ``name``; ``prompt`` None asks for no slot (a bare
         load), an empty prompt for a slot with nothing to cache (an embedding).
 
@@ -165,6 +169,12 @@ class SlotTable:
         cached, and at least one prompt token is evaluated."""
         self.expire()
         model = self._models.get(name)
+        if model is not None and model.context != context:
+            # Another num_ctx: Ollama reloads the runner once the requests on it are done.
+            if model.running:
+                return Wait("room")
+            del self._models[name]
+            model = None
         if model is not None:
             return self._lease(model, prompt) or Wait("slot")
         if name in self._loading:
@@ -180,12 +190,24 @@ class SlotTable:
         self._loading.add(name)
         return Load(name, tuple(evicted))
 
-    def loaded(self, name: str, prompt: Sequence[int] | None, keep_alive_ns: int = 0) -> Lease:
+    def loaded(
+        self,
+        name: str,
+        prompt: Sequence[int] | None,
+        keep_alive_ns: int = 0,
+        context: int = DEFAULT_CONTEXT,
+    ) -> Lease:
         """The load a :class:`Load` began is done; its request takes the first lease. The
         expiry shown until a request finishes is now + ``keep_alive_ns``, as Ollama's."""
         self._loading.discard(name)
         slots = [Slot() for _ in range(self.parallel(name))]
-        model = Resident(name, slots, self._resize(None), expires_ns=self._clock() + keep_alive_ns)
+        model = Resident(
+            name,
+            slots,
+            self._resize(None),
+            expires_ns=self._clock() + keep_alive_ns,
+            context=context,
+        )
         self._models[name] = model
         lease = self._lease(model, prompt)
         if lease is None:  # unreachable: a fresh model has every slot free

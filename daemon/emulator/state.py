@@ -25,7 +25,7 @@ from daemon.emulator import formats as fmt
 from daemon.emulator.bodies import default_digest, is_embedding
 from daemon.emulator.config import EmulatorConfig, Stats, normalize
 from daemon.emulator.formats import Reject
-from daemon.emulator.slots import Lease, Load, SlotTable, Wait, WaitReason
+from daemon.emulator.slots import DEFAULT_CONTEXT, Lease, Load, SlotTable, Wait, WaitReason
 
 _POLL = 0.05  # how often a waiting handler checks that its client is still there
 
@@ -66,6 +66,7 @@ class _Waiter:
     prompt: list[int] | None
     turn: asyncio.Future[Lease | Load]
     since: int  # perf_counter_ns when ``reason`` was last set
+    context: int = DEFAULT_CONTEXT  # the num_ctx it asks for
     reason: WaitReason | None = None
     load_ns: int = 0  # time spent waiting while the model was not in memory
 
@@ -156,11 +157,21 @@ class EmulatorState:
         """name → expiry (ns since the epoch) of each model in memory."""
         return self.models.expiries()
 
+    def context_of(self, name: str) -> int:
+        """The num_ctx the runner of ``name`` was loaded with."""
+        model = self.models.resident(name)
+        return model.context if model is not None else DEFAULT_CONTEXT
+
     def is_loaded(self, name: str) -> bool:
         return self.models.resident(name) is not None
 
     async def acquire(
-        self, request: web.Request, name: str, prompt: list[int] | None, keep_alive: float
+        self,
+        request: web.Request,
+        name: str,
+        prompt: list[int] | None,
+        keep_alive: float,
+        context: int | None = None,
     ) -> tuple[Lease, int]:
         """Start a request on ``name``: a slot for ``prompt`` (None: no slot, as for a
         bare load; empty: a slot with nothing cached, as for an embedding), loading the
@@ -169,7 +180,8 @@ class EmulatorState:
         loaded model without bound, for a load with at most ``queue`` others (then
         Ollama's 503). Returns the lease, for :meth:`finish`, and the ns spent waiting
         for or doing a cold load (waiting for a slot of a loaded model is not loading)."""
-        grant, load_ns = await self._turn(request, name, prompt)
+        ctx = context or DEFAULT_CONTEXT
+        grant, load_ns = await self._turn(request, name, prompt, ctx)
         if isinstance(grant, Lease):
             lease = grant
         else:
@@ -182,7 +194,7 @@ class EmulatorState:
                 self.models.abort_load(name)
                 self._dispatch()  # another request for the model loads it
                 raise
-            lease = self.models.loaded(name, prompt, int(keep_alive * 1e9))
+            lease = self.models.loaded(name, prompt, int(keep_alive * 1e9), ctx)
             self.stats.cold_loads += 1
             load_ns += time.perf_counter_ns() - began
             self._dispatch()  # those that waited for this load
@@ -211,10 +223,12 @@ class EmulatorState:
         self.models.unload(name)
 
     async def _turn(
-        self, request: web.Request, name: str, prompt: list[int] | None
+        self, request: web.Request, name: str, prompt: list[int] | None, context: int
     ) -> tuple[Lease | Load, int]:
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(name, prompt, loop.create_future(), time.perf_counter_ns())
+        waiter = _Waiter(
+            name, prompt, loop.create_future(), time.perf_counter_ns(), context=context
+        )
         self._queue.append(waiter)
         self._dispatch()
         if not waiter.turn.done():
@@ -251,7 +265,7 @@ class EmulatorState:
         """Grant, in arrival order, every waiting request the table now lets run."""
         now = time.perf_counter_ns()
         for waiter in list(self._queue):
-            got = self.models.take(waiter.name, waiter.prompt)
+            got = self.models.take(waiter.name, waiter.prompt, waiter.context)
             if isinstance(got, Wait):
                 waiter.mark(got.reason, now)
                 continue

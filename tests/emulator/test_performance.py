@@ -333,3 +333,25 @@ def test_config_fields_and_cli_flags() -> None:
     args = parser.parse_args(["--prompt-count", "evaluated", "--cache-tokens", "0"])
     assert (args.prompt_count, args.cache_tokens, args.restore_rate) == ("evaluated", 0, 0.0)
     assert run_from_args(parser.parse_args(["--max-loaded", "-1"])) == 2
+
+
+async def test_another_num_ctx_reloads_the_model_and_ps_says_so() -> None:
+    config = EmulatorConfig(name="n", models=["llama3.1:8b"], num_parallel=1, tokens=1)
+    async with Emulator(config) as emu, aiohttp.ClientSession() as http:
+
+        async def generate(**options: int) -> None:
+            body = {"model": "llama3.1:8b", "prompt": "hi", "stream": False, "options": options}
+            async with http.post(emu.url + "/api/generate", json=body) as resp:
+                assert resp.status == 200
+
+        async def context() -> int:
+            async with http.get(emu.url + "/api/ps") as resp:
+                [entry] = (await resp.json())["models"]
+                return int(entry["context_length"])
+
+        await generate()
+        assert await context() == 4096 and emu.state.stats.cold_loads == 1
+        await generate(num_ctx=8192)
+        assert await context() == 8192 and emu.state.stats.cold_loads == 2
+        await generate(num_ctx=8192)
+        assert emu.state.stats.cold_loads == 2  # the same runner: no reload

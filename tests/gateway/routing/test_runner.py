@@ -37,7 +37,7 @@ async def chat(
 
 
 async def test_another_context_length_is_a_reload_and_goes_where_it_is_loaded() -> None:
-    config = {"models": [MODEL], "num_parallel": 2, "tokens": 2}
+    config = {"models": [MODEL], "num_parallel": 2, "tokens": 2, "load_delay": 0.2}
     async with (
         Emulator(EmulatorConfig(name="n0", **config)) as n0,
         Emulator(EmulatorConfig(name="n1", **config)) as n1,
@@ -58,11 +58,18 @@ async def test_another_context_length_is_a_reload_and_goes_where_it_is_loaded() 
             assert router._load_seconds(node, same) == 0
             assert router._load_seconds(node, RouteRequest(MODEL, 10)) == 0
             url = str(server.make_url("")).rstrip("/")
+            warm_loads = sum(e.state.stats.cold_loads for e in (n0, n1))
             first, _ = await chat(http, url, "a long context, please", 8192)
-            # That node now runs 8192 (as olmd sent it): 4096 there is a reload again.
+            # That node now runs 8192 (the emulator reloaded it, as Ollama does): 4096
+            # there is a reload again, so the two contexts settle on two nodes.
             other = server.app[GATEWAY].fleet.get(first)
             assert other is not None and other.runners[MODEL] == {"num_ctx": 8192}
             assert router._reloads(other, same) and not router._reloads(other, big)
+            small, _ = await chat(http, url, "a short one", 4096)
+            again, _ = await chat(http, url, "another long one", 8192)
+            assert small != first and again == first
+            reloads = sum(e.state.stats.cold_loads for e in (n0, n1)) - warm_loads
+            assert reloads == 1  # the first 8192 request's, and no thrashing after it
 
 
 async def test_embedding_models_run_one_request_at_a_time_per_node() -> None:
