@@ -70,7 +70,11 @@ def _model(body: dict[str, Any], *keys: str) -> str | web.Response:
     return json_error(400, f"{keys[0]} is required")
 
 
-async def pull(request: web.Request) -> web.StreamResponse:
+async def _model_and_nodes(
+    request: web.Request,
+) -> tuple[dict[str, Any], str, list[NodeRef]] | web.Response:
+    """A pull's or delete's body, the model it names and the nodes it goes to, or the
+    answer saying why not."""
     body = await _body(request)
     if isinstance(body, web.Response):
         return body
@@ -80,6 +84,14 @@ async def pull(request: web.Request) -> web.StreamResponse:
     nodes = _targets(request)
     if isinstance(nodes, web.Response):
         return nodes
+    return body, model, nodes
+
+
+async def pull(request: web.Request) -> web.StreamResponse:
+    asked = await _model_and_nodes(request)
+    if isinstance(asked, web.Response):
+        return asked
+    body, model, nodes = asked
     runtime, gateway = request.app[RUNTIME], request.app[GATEWAY]
     settings = runtime.settings
     log.info("models.fleet_pull", model=model, nodes=[n.name for n in nodes])
@@ -140,15 +152,10 @@ def _failures(what: str, failed: dict[str, Any], total: int) -> web.Response | N
 
 
 async def delete(request: web.Request) -> web.StreamResponse:
-    body = await _body(request)
-    if isinstance(body, web.Response):
-        return body
-    model = _model(body, "model", "name")
-    if isinstance(model, web.Response):
-        return model
-    nodes = _targets(request)
-    if isinstance(nodes, web.Response):
-        return nodes
+    asked = await _model_and_nodes(request)
+    if isinstance(asked, web.Response):
+        return asked
+    _, model, nodes = asked
     log.info("models.fleet_delete", model=model, nodes=[n.name for n in nodes])
     failed = await fleet_delete(request.app[GATEWAY].session, nodes, model)
     return _failures(f"delete of {model}", failed, len(nodes)) or web.Response()

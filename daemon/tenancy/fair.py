@@ -81,8 +81,3 @@ class FairShares:
             return 0
         seen = self._interactive_seen.get(model)
         return self.reserve if seen is not None and now - seen <= self.window else 0
-
-    def forget(self, tenants: Iterable[str]) -> None:
-        """Tenants that left the settings."""
-        for tenant in tenants:
-            self._tag.pop(tenant, None)

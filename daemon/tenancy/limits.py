@@ -107,11 +107,6 @@ class TenantLimits:
             self.requests = self._bucket(None, self.config.requests_per_minute, now)
             self.tokens = self._bucket(None, self.config.tokens_per_minute, now)
 
-    @property
-    def limited(self) -> bool:
-        """Whether answers carry ``x-ratelimit-*`` headers."""
-        return self.requests is not None or self.tokens is not None
-
     def _period(self, wall: float) -> None:
         start = self.period_start(wall)
         if start != self.budget_start:

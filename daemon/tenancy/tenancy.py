@@ -206,10 +206,6 @@ class Tenancy:
         entry = self.tenants.get(tenant)
         return entry.limits.headers() if entry is not None else {}
 
-    def limited(self, tenant: str) -> bool:
-        entry = self.tenants.get(tenant)
-        return entry is not None and entry.limits.limited
-
     def refused(self, tenant: str, model: str, refusal: Refusal | None = None) -> None:
         """A request answered before admission: 429 for ``refusal``, else 404 (a model
         the tenant may not use). Counted and logged like the others."""
